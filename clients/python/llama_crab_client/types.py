@@ -1,0 +1,310 @@
+"""Option and result types shared by the in-process engine and the remote client.
+
+One definition serves both transports: `llama_crab` (server distribution, native
+engine) re-exports these, and `llama_crab_client` (pure Python) uses them over gRPC,
+so code written against one works against the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+__all__ = [
+    "Chunk",
+    "Completion",
+    "CompletionCallback",
+    "CompletionOptions",
+    "FieldViolation",
+    "ModelInfo",
+    "SAMPLER_NAMES",
+    "StopReason",
+    "StreamControl",
+    "Timings",
+    "TokenLogprob",
+    "TopLogprob",
+    "Usage",
+]
+
+
+class StreamControl(enum.Enum):
+    """What a stream callback returns: keep generating or stop now."""
+
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+class StopReason(enum.Enum):
+    """Why generation ended."""
+
+    LENGTH = "length"  # max_tokens reached (or the context filled up)
+    EOS = "eos"  # the model produced an end-of-generation token
+    STOP_SEQUENCE = "stop_sequence"  # a stop sequence matched; see Completion.stop_sequence
+    CANCELLED = "cancelled"  # the caller stopped the stream (STOP, cancel, deadline)
+
+
+# Names accepted in CompletionOptions.samplers (llama.cpp common's sampler names).
+SAMPLER_NAMES: frozenset[str] = frozenset(
+    {
+        "penalties",
+        "dry",
+        "top_n_sigma",
+        "top_k",
+        "typical_p",
+        "top_p",
+        "min_p",
+        "xtc",
+        "temperature",
+    }
+)
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field of a request: its name and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token with its log-probability under the model and the top-N alternatives."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed output. Never splits a UTF-8 character."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    # Cumulative number of generated tokens, including this chunk's.
+    n_tokens: int
+    # One entry per token of this chunk when logprobs were requested, else None.
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Prompt tokens whose KV was reused rather than computed (prefix caching).
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    # Time spent waiting for a free slot.
+    queue_ms: float = 0.0
+    # From submission to the first generated token.
+    time_to_first_token_ms: float = 0.0
+    prompt_tokens_per_second: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The final result of a completion, also after STOP (it then holds what was delivered)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: StopReason
+    stop_sequence: Optional[str] = None
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    description: str
+    n_params: int
+    n_ctx_train: int
+    n_ctx: int
+    n_vocab: int
+    has_chat_template: bool
+    n_slots: int
+
+
+CompletionCallback = Callable[[Chunk], Optional[StreamControl]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float))) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class CompletionOptions:
+    """How to generate. Greedy unless `temperature > 0`.
+
+    Build with keywords or with the `with_*` builders, which return a new object:
+
+        CompletionOptions(64).with_stop_sequence("\\n\\n").with_temperature(0.7).with_seed(1)
+    """
+
+    max_tokens: int = 16
+    stop_sequences: tuple[str, ...] = ()
+    # None: no logprobs. N >= 0: the chosen token's logprob plus the top-N alternatives.
+    logprobs: Optional[int] = None
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # How many recent tokens the penalties look at (0 disables, -1 the whole context).
+    penalty_last_n: int = 64
+    # None: a random seed per request.
+    seed: Optional[int] = None
+    # token id -> bias added to its logit (use -inf to ban a token).
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    # A GBNF grammar constraining the output (root rule `root`).
+    grammar: Optional[str] = None
+    # An explicit ordered sampler chain (names from SAMPLER_NAMES); None = llama.cpp's default order.
+    samplers: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        # Accept lists and other sequences but store tuples so options stay hashable-ish and immutable.
+        if isinstance(self.stop_sequences, str):
+            object.__setattr__(self, "stop_sequences", (self.stop_sequences,))
+        elif not isinstance(self.stop_sequences, tuple):
+            object.__setattr__(self, "stop_sequences", tuple(self.stop_sequences))
+        if self.samplers is not None and not isinstance(self.samplers, tuple):
+            object.__setattr__(self, "samplers", tuple(self.samplers))
+        if not isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", dict(self.logit_bias))
+
+    # ---- builders -------------------------------------------------------------------
+    def _with(self, **changes: Any) -> CompletionOptions:
+        return dataclasses.replace(self, **changes)
+
+    def with_max_tokens(self, max_tokens: int) -> CompletionOptions:
+        return self._with(max_tokens=max_tokens)
+
+    def with_stop_sequence(self, stop: str) -> CompletionOptions:
+        return self._with(stop_sequences=(*self.stop_sequences, stop))
+
+    def with_stop_sequences(self, stops: Sequence[str]) -> CompletionOptions:
+        return self._with(stop_sequences=(*self.stop_sequences, *stops))
+
+    def with_logprobs(self, top_n: int = 0) -> CompletionOptions:
+        return self._with(logprobs=top_n)
+
+    def with_temperature(self, temperature: float) -> CompletionOptions:
+        return self._with(temperature=temperature)
+
+    def with_top_k(self, top_k: int) -> CompletionOptions:
+        return self._with(top_k=top_k)
+
+    def with_top_p(self, top_p: float) -> CompletionOptions:
+        return self._with(top_p=top_p)
+
+    def with_min_p(self, min_p: float) -> CompletionOptions:
+        return self._with(min_p=min_p)
+
+    def with_typical_p(self, typical_p: float) -> CompletionOptions:
+        return self._with(typical_p=typical_p)
+
+    def with_repeat_penalty(self, penalty: float, last_n: Optional[int] = None) -> CompletionOptions:
+        if last_n is None:
+            return self._with(repeat_penalty=penalty)
+        return self._with(repeat_penalty=penalty, penalty_last_n=last_n)
+
+    def with_presence_penalty(self, penalty: float) -> CompletionOptions:
+        return self._with(presence_penalty=penalty)
+
+    def with_frequency_penalty(self, penalty: float) -> CompletionOptions:
+        return self._with(frequency_penalty=penalty)
+
+    def with_penalty_last_n(self, last_n: int) -> CompletionOptions:
+        return self._with(penalty_last_n=last_n)
+
+    def with_seed(self, seed: int) -> CompletionOptions:
+        return self._with(seed=seed)
+
+    def with_logit_bias(self, token_id: int, bias: float) -> CompletionOptions:
+        return self._with(logit_bias={**self.logit_bias, token_id: bias})
+
+    def with_grammar(self, grammar: str) -> CompletionOptions:
+        return self._with(grammar=grammar)
+
+    def with_samplers(self, samplers: Sequence[str]) -> CompletionOptions:
+        return self._with(samplers=tuple(samplers))
+
+    # ---- validation -----------------------------------------------------------------
+    def violations(self, n_vocab: Optional[int] = None) -> list[FieldViolation]:
+        """Every invalid field, checked without a model (grammar syntax is checked by the engine)."""
+        out: list[FieldViolation] = []
+
+        def bad(name: str, why: str) -> None:
+            out.append(FieldViolation(name, why))
+
+        def check_float(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+            elif (v <= lo if lo_open else v < lo) or v > hi:
+                bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}]")
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        for i, stop in enumerate(self.stop_sequences):
+            if not isinstance(stop, str) or stop == "":
+                bad(f"stop_sequences[{i}]", "must be a non-empty string")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "must be an integer in [0, 20]")
+        check_float("temperature", 0.0, 100.0)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0 disables)")
+        check_float("top_p", 0.0, 1.0)
+        check_float("min_p", 0.0, 1.0)
+        check_float("typical_p", 0.0, 1.0, lo_open=True)
+        check_float("repeat_penalty", 0.0, 10.0, lo_open=True)
+        check_float("presence_penalty", -2.0, 2.0)
+        check_float("frequency_penalty", -2.0, 2.0)
+        if not _is_int(self.penalty_last_n) or self.penalty_last_n < -1:
+            bad("penalty_last_n", "must be an integer >= -1")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32 - 1):
+            bad("seed", "must be an integer in [0, 2**32 - 2]")
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or token < 0 or (n_vocab is not None and token >= n_vocab):
+                bad("logit_bias", f"token id {token!r} is not in the vocabulary")
+            elif not _is_number(bias) or math.isnan(bias) or bias == math.inf:
+                bad("logit_bias", f"bias for token {token} must be a number or -inf")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            bad("grammar", "must be a non-empty GBNF grammar")
+        if self.samplers is not None:
+            if len(self.samplers) == 0:
+                bad("samplers", "must name at least one sampler (or be None for the default chain)")
+            for name in self.samplers:
+                if name not in SAMPLER_NAMES:
+                    bad("samplers", f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLER_NAMES))}")
+        return out
+
+
+PromptLike = Union[str, Sequence[int]]

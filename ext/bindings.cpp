@@ -1,0 +1,183 @@
+// nanobind module `llama_crab._engine`: a thin skin over the engine. Every call that can
+// block or take an engine lock releases the GIL; the scheduler thread never needs it
+// except to forward a log line.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "engine.h"
+#include "log_bridge.h"
+#include "text_stream.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace llama_crab;
+
+namespace {
+
+// The Python callable receiving log lines; deliberately leaked so no Python object is
+// destroyed from a non-Python thread or after interpreter shutdown.
+nb::object * g_log_callable = nullptr;
+
+void forward_log(int level, const std::string & line, void *) {
+    if (!g_log_callable || !Py_IsInitialized()) return;
+    nb::gil_scoped_acquire gil;
+    try {
+        (*g_log_callable)(level, line);
+    } catch (nb::python_error & e) {
+        e.discard_as_unraisable("llama_crab log bridge");
+    }
+}
+
+}  // namespace
+
+NB_MODULE(_engine, m) {
+    m.doc() = "Native llama.cpp engine of llama-crab (continuous batching scheduler).";
+
+    nb::exception<ModelLoadError>(m, "ModelLoadError", PyExc_ValueError);
+    nb::exception<InvalidGrammarError>(m, "InvalidGrammarError", PyExc_ValueError);
+    nb::exception<QueueFullError>(m, "QueueFullError", PyExc_RuntimeError);
+    nb::exception<EngineClosedError>(m, "EngineClosedError", PyExc_RuntimeError);
+
+    nb::enum_<StopReason>(m, "StopReason")
+        .value("LENGTH", StopReason::LENGTH)
+        .value("EOS", StopReason::EOS)
+        .value("STOP_SEQUENCE", StopReason::STOP_SEQUENCE)
+        .value("CANCELLED", StopReason::CANCELLED);
+
+    nb::class_<EngineParams>(m, "EngineParams")
+        .def(nb::init<>())
+        .def_rw("model_path", &EngineParams::model_path)
+        .def_rw("n_ctx", &EngineParams::n_ctx)
+        .def_rw("n_batch", &EngineParams::n_batch)
+        .def_rw("n_ubatch", &EngineParams::n_ubatch)
+        .def_rw("n_threads", &EngineParams::n_threads)
+        .def_rw("n_threads_batch", &EngineParams::n_threads_batch)
+        .def_rw("n_gpu_layers", &EngineParams::n_gpu_layers)
+        .def_rw("use_mmap", &EngineParams::use_mmap)
+        .def_rw("use_mlock", &EngineParams::use_mlock)
+        .def_rw("flash_attn", &EngineParams::flash_attn)
+        .def_rw("seed", &EngineParams::seed)
+        .def_rw("n_parallel", &EngineParams::n_parallel)
+        .def_rw("max_queue", &EngineParams::max_queue);
+
+    nb::class_<SamplingParams>(m, "SamplingParams")
+        .def(nb::init<>())
+        .def_rw("max_tokens", &SamplingParams::max_tokens)
+        .def_rw("stop_sequences", &SamplingParams::stop_sequences)
+        .def_rw("logprobs", &SamplingParams::logprobs)
+        .def_rw("temperature", &SamplingParams::temperature)
+        .def_rw("top_k", &SamplingParams::top_k)
+        .def_rw("top_p", &SamplingParams::top_p)
+        .def_rw("min_p", &SamplingParams::min_p)
+        .def_rw("typical_p", &SamplingParams::typical_p)
+        .def_rw("repeat_penalty", &SamplingParams::repeat_penalty)
+        .def_rw("presence_penalty", &SamplingParams::presence_penalty)
+        .def_rw("frequency_penalty", &SamplingParams::frequency_penalty)
+        .def_rw("penalty_last_n", &SamplingParams::penalty_last_n)
+        .def_rw("has_seed", &SamplingParams::has_seed)
+        .def_rw("seed", &SamplingParams::seed)
+        .def_rw("logit_bias", &SamplingParams::logit_bias)
+        .def_rw("grammar", &SamplingParams::grammar)
+        .def_rw("samplers", &SamplingParams::samplers);
+
+    nb::class_<TopLogprob>(m, "TopLogprob")
+        .def_ro("token_id", &TopLogprob::token_id)
+        .def_ro("text", &TopLogprob::text)
+        .def_ro("logprob", &TopLogprob::logprob);
+
+    nb::class_<TokenLogprob>(m, "TokenLogprob")
+        .def_ro("token_id", &TokenLogprob::token_id)
+        .def_ro("text", &TokenLogprob::text)
+        .def_ro("logprob", &TokenLogprob::logprob)
+        .def_ro("top", &TokenLogprob::top);
+
+    nb::class_<Event>(m, "Event")
+        .def_ro("is_final", &Event::is_final)
+        .def_ro("text", &Event::text)
+        .def_ro("token_ids", &Event::token_ids)
+        .def_ro("n_tokens", &Event::n_tokens)
+        .def_ro("logprobs", &Event::logprobs)
+        .def_ro("stop_reason", &Event::stop_reason)
+        .def_ro("stop_sequence", &Event::stop_sequence)
+        .def_ro("prompt_tokens", &Event::prompt_tokens)
+        .def_ro("cached_tokens", &Event::cached_tokens)
+        .def_ro("queue_ms", &Event::queue_ms)
+        .def_ro("ttft_ms", &Event::ttft_ms)
+        .def_ro("prompt_tps", &Event::prompt_tps)
+        .def_ro("decode_tps", &Event::decode_tps)
+        .def_ro("total_ms", &Event::total_ms)
+        .def_ro("error", &Event::error);
+
+    nb::class_<Request>(m, "Request")
+        .def_ro("id", &Request::id)
+        .def("poll", &Request::poll, "Events ready now (non-blocking).")
+        .def("wait", &Request::wait, "timeout_s"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Block until an event is ready or timeout_s passes (< 0: no timeout).")
+        .def("cancel", &Request::cancel, "Ask the engine to stop this request at its next step.")
+        .def("fileno", &Request::fileno, "A file descriptor that is readable while events wait.")
+        .def("finished", &Request::finished)
+        .def("close", &Request::cancel, "Cancel if still running; resources go with the last reference.");
+
+    nb::class_<ModelInfo>(m, "ModelInfo")
+        .def_ro("name", &ModelInfo::name)
+        .def_ro("architecture", &ModelInfo::architecture)
+        .def_ro("description", &ModelInfo::description)
+        .def_ro("n_params", &ModelInfo::n_params)
+        .def_ro("n_ctx_train", &ModelInfo::n_ctx_train)
+        .def_ro("n_ctx", &ModelInfo::n_ctx)
+        .def_ro("n_vocab", &ModelInfo::n_vocab)
+        .def_ro("has_chat_template", &ModelInfo::has_chat_template)
+        .def_ro("n_slots", &ModelInfo::n_slots);
+
+    nb::class_<Metrics>(m, "Metrics")
+        .def_ro("n_slots", &Metrics::n_slots)
+        .def_ro("busy_slots", &Metrics::busy_slots)
+        .def_ro("queue_depth", &Metrics::queue_depth)
+        .def_ro("requests_total", &Metrics::requests_total)
+        .def_ro("prompt_tokens_total", &Metrics::prompt_tokens_total)
+        .def_ro("completion_tokens_total", &Metrics::completion_tokens_total)
+        .def_ro("decode_steps_total", &Metrics::decode_steps_total);
+
+    nb::class_<Engine>(m, "Engine")
+        .def(nb::init<const EngineParams &>(), "params"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Load the model and start the scheduler thread.")
+        .def("submit", &Engine::submit, "prompt"_a, "params"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("close", &Engine::close, nb::call_guard<nb::gil_scoped_release>())
+        .def("tokenize", &Engine::tokenize, "text"_a, "add_special"_a, "parse_special"_a,
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("detokenize", &Engine::detokenize, "tokens"_a, "remove_special"_a, "unparse_special"_a,
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("n_vocab", &Engine::n_vocab)
+        .def("n_ctx_per_slot", &Engine::n_ctx_per_slot)
+        .def("model_info", &Engine::model_info, nb::call_guard<nb::gil_scoped_release>())
+        .def("metrics", &Engine::metrics, nb::call_guard<nb::gil_scoped_release>());
+
+    // The chunking rules on their own, so tests can feed exact byte sequences.
+    nb::class_<TextStream>(m, "TextStream")
+        .def(nb::init<std::vector<std::string>>(), "stop_sequences"_a)
+        .def(
+            "push",
+            [](TextStream & s, nb::bytes piece) {
+                TextStream::Step step = s.push(std::string(piece.c_str(), piece.size()));
+                return std::make_tuple(step.emit, step.stopped, step.stop_sequence);
+            },
+            "piece"_a, "Append a token's bytes; returns (text to emit, stopped, matched stop sequence).")
+        .def("flush", &TextStream::flush, "Release held-back text at the end of generation.");
+
+    m.def(
+        "install_log_bridge",
+        [](nb::object callable, int min_level) {
+            if (!g_log_callable) g_log_callable = new nb::object();
+            *g_log_callable = std::move(callable);
+            install_log_bridge(&forward_log, nullptr, min_level);
+        },
+        "callable"_a, "min_level"_a,
+        "Send llama.cpp log lines (level, text) to `callable` instead of stderr.");
+    m.def("set_log_min_level", &set_log_min_level, "min_level"_a);
+    m.def("remove_log_handler", &remove_log_handler);
+}

@@ -1,0 +1,540 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include "common.h"
+#include "log_bridge.h"
+#include "sampling.h"
+#include "text_stream.h"
+
+namespace llama_crab {
+
+namespace {
+
+double ms_between(Request::clock::time_point a, Request::clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+void batch_add(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
+    const int32_t i = batch.n_tokens++;
+    batch.token[i] = token;
+    batch.pos[i] = pos;
+    batch.n_seq_id[i] = 1;
+    batch.seq_id[i][0] = seq;
+    batch.logits[i] = logits;
+}
+
+std::once_flag g_backend_once;
+
+}  // namespace
+
+struct Engine::Slot {
+    llama_seq_id seq_id = 0;
+    std::shared_ptr<Request> req;  // null when free
+    size_t n_prompt_done = 0;      // prompt tokens already put into a batch
+    llama_pos n_past = 0;          // next position in this sequence
+    bool decoding = false;         // prompt done; generating
+    llama_token next_token = 0;    // sampled, to be fed in the next batch
+    int32_t i_batch = -1;          // row of this slot's logits in the current batch, -1 if none
+    bool in_batch = false;
+    std::unique_ptr<TextStream> text;
+    std::vector<int32_t> generated;
+    std::string delivered_text;
+    std::vector<int32_t> chunk_tokens;  // generated but not yet handed out in a chunk
+    std::vector<TokenLogprob> chunk_logprobs, all_logprobs;
+
+    void reset() {
+        req.reset();
+        n_prompt_done = 0;
+        n_past = 0;
+        decoding = false;
+        i_batch = -1;
+        in_batch = false;
+        text.reset();
+        generated.clear();
+        delivered_text.clear();
+        chunk_tokens.clear();
+        chunk_logprobs.clear();
+        all_logprobs.clear();
+    }
+};
+
+Engine::Engine(const EngineParams & params) : params_(params) {
+    std::call_once(g_backend_once, [] { llama_backend_init(); });
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = params.n_gpu_layers;
+    mp.load_mode = params.use_mmap ? (params.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)
+                                   : (params.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
+    clear_last_log_error();
+    model_ = llama_model_load_from_file(params.model_path.c_str(), mp);
+    if (!model_) {
+        const std::string detail = last_log_error();
+        throw ModelLoadError("cannot load model '" + params.model_path + "': not a valid GGUF model" +
+                             (detail.empty() ? std::string() : " (" + detail + ")"));
+    }
+    vocab_ = llama_model_get_vocab(model_);
+    n_vocab_ = llama_vocab_n_tokens(vocab_);
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = params.n_ctx;
+    cp.n_batch = params.n_batch;
+    cp.n_ubatch = std::min(params.n_ubatch, params.n_batch);
+    cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
+    cp.n_threads = params.n_threads;
+    cp.n_threads_batch = params.n_threads_batch;
+    cp.flash_attn_type = static_cast<llama_flash_attn_type>(params.flash_attn);
+    // Separate KV per slot: no cross-talk and no fragmentation between sequences.
+    cp.kv_unified = false;
+    cp.no_perf = true;
+    ctx_ = llama_init_from_model(model_, cp);
+    if (!ctx_) {
+        llama_model_free(model_);
+        const std::string detail = last_log_error();
+        throw ModelLoadError("cannot create a llama.cpp context for '" + params.model_path + "'" +
+                             (detail.empty() ? std::string() : " (" + detail + ")"));
+    }
+    n_ctx_seq_ = static_cast<int32_t>(llama_n_ctx_seq(ctx_));
+    llama_set_abort_callback(ctx_, &Engine::abort_callback, this);
+
+    batch_ = llama_batch_init(static_cast<int32_t>(llama_n_batch(ctx_)), 0, 1);
+    slots_.resize(static_cast<size_t>(params.n_parallel));
+    for (size_t i = 0; i < slots_.size(); ++i) {
+        slots_[i].seq_id = static_cast<llama_seq_id>(i);
+    }
+    thread_ = std::thread(&Engine::run, this);
+}
+
+Engine::~Engine() {
+    close();
+}
+
+void Engine::close() {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        closing_ = true;
+        stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) {
+        thread_.join();
+    }
+    if (ctx_) {
+        llama_batch_free(batch_);
+        llama_free(ctx_);
+        ctx_ = nullptr;
+    }
+    if (model_) {
+        llama_model_free(model_);
+        model_ = nullptr;
+        vocab_ = nullptr;
+    }
+}
+
+common_sampler * Engine::make_sampler(const SamplingParams & p) const {
+    common_params_sampling sp;
+    sp.seed = p.has_seed ? p.seed : params_.seed;
+    sp.temp = p.temperature;
+    sp.top_k = p.top_k;
+    sp.top_p = p.top_p;
+    sp.min_p = p.min_p;
+    sp.typ_p = p.typical_p;
+    sp.penalty_repeat = p.repeat_penalty;
+    sp.penalty_present = p.presence_penalty;
+    sp.penalty_freq = p.frequency_penalty;
+    sp.penalty_last_n = p.penalty_last_n < 0 ? n_ctx_seq_ : p.penalty_last_n;
+    sp.no_perf = true;
+    for (const auto & [token, bias] : p.logit_bias) {
+        sp.logit_bias.push_back({token, bias});
+    }
+    if (!p.grammar.empty()) {
+        sp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, p.grammar);
+    }
+    const bool penalised = p.repeat_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+    if (!p.samplers.empty()) {
+        sp.samplers = common_sampler_types_from_names(p.samplers);
+        if (sp.samplers.size() != p.samplers.size()) {
+            throw std::invalid_argument("samplers: unknown sampler name");
+        }
+    } else if (p.temperature <= 0.0f) {
+        // Greedy: top-1 is the argmax; skipping the rest of the default chain keeps
+        // per-token sampling cost negligible next to the decode.
+        sp.samplers.clear();
+        if (penalised) sp.samplers.push_back(COMMON_SAMPLER_TYPE_PENALTIES);
+        sp.samplers.push_back(COMMON_SAMPLER_TYPE_TOP_K);
+        sp.top_k = 1;
+    }
+
+    clear_last_log_error();
+    common_sampler * smpl = nullptr;
+    try {
+        smpl = common_sampler_init(model_, sp);
+    } catch (const std::exception & e) {
+        if (!p.grammar.empty()) {
+            const std::string detail = last_log_error();
+            throw InvalidGrammarError(detail.empty() ? e.what() : detail);
+        }
+        throw std::invalid_argument(e.what());
+    }
+    if (!smpl) {
+        const std::string detail = last_log_error();
+        if (!p.grammar.empty()) {
+            throw InvalidGrammarError(detail.empty() ? "failed to parse grammar" : detail);
+        }
+        throw std::invalid_argument("cannot build the sampler chain" + (detail.empty() ? "" : ": " + detail));
+    }
+    return smpl;
+}
+
+std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const SamplingParams & params) {
+    if (prompt.empty()) {
+        throw std::invalid_argument("prompt: must not be empty");
+    }
+    if (static_cast<int32_t>(prompt.size()) >= n_ctx_seq_) {
+        throw std::invalid_argument("prompt: longer than a sequence's context");
+    }
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (closing_) throw EngineClosedError("the engine is closed");
+        if (params_.max_queue > 0 && static_cast<int32_t>(queue_.size()) >= params_.max_queue) {
+            throw QueueFullError("the wait queue is full (" + std::to_string(params_.max_queue) + " requests waiting)");
+        }
+    }
+    // Built outside the lock: grammar parsing can take a while and only reads the model.
+    common_sampler * smpl = make_sampler(params);
+    std::shared_ptr<Request> req;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (closing_) {
+            common_sampler_free(smpl);
+            throw EngineClosedError("the engine is closed");
+        }
+        if (params_.max_queue > 0 && static_cast<int32_t>(queue_.size()) >= params_.max_queue) {
+            common_sampler_free(smpl);
+            throw QueueFullError("the wait queue is full (" + std::to_string(params_.max_queue) + " requests waiting)");
+        }
+        req = std::make_shared<Request>(next_id_++, std::move(prompt), params, smpl);
+        queue_.push_back(req);
+        requests_total_++;
+        prompt_tokens_total_ += req->prompt.size();
+    }
+    cv_.notify_all();
+    return req;
+}
+
+void Engine::admit_locked() {
+    // A request cancelled while waiting never takes a slot.
+    for (auto it = queue_.begin(); it != queue_.end();) {
+        if ((*it)->cancelled() || stop_) {
+            Event ev;
+            ev.is_final = true;
+            ev.stop_reason = StopReason::CANCELLED;
+            ev.prompt_tokens = static_cast<int32_t>((*it)->prompt.size());
+            ev.queue_ms = ms_between((*it)->t_submit, Request::clock::now());
+            ev.total_ms = ev.queue_ms;
+            ev.logprobs = (*it)->params.logprobs >= 0 ? std::optional<std::vector<TokenLogprob>>(std::vector<TokenLogprob>{})
+                                                      : std::nullopt;
+            (*it)->push(std::move(ev));
+            it = queue_.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    for (auto & slot : slots_) {
+        if (queue_.empty()) break;
+        if (slot.req) continue;
+        slot.reset();
+        slot.req = std::move(queue_.front());
+        queue_.pop_front();
+        slot.req->t_admit = Request::clock::now();
+        slot.text = std::make_unique<TextStream>(slot.req->params.stop_sequences);
+        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+        busy_slots_++;
+    }
+}
+
+bool Engine::abort_callback(void * data) {
+    // Abort a running decode only when nobody in it still wants the result.
+    auto * self = static_cast<Engine *>(data);
+    if (self->stop_) return true;
+    bool any = false;
+    for (const auto & slot : self->slots_) {
+        if (!slot.in_batch) continue;
+        any = true;
+        if (!slot.req->cancelled()) return false;
+    }
+    return any;
+}
+
+bool Engine::build_batch() {
+    batch_.n_tokens = 0;
+    const int32_t n_batch = static_cast<int32_t>(llama_n_batch(ctx_));
+    for (auto & slot : slots_) {
+        if (!slot.req || !slot.decoding) continue;
+        batch_add(batch_, slot.next_token, slot.n_past++, slot.seq_id, true);
+        slot.i_batch = batch_.n_tokens - 1;
+        slot.in_batch = true;
+    }
+    // Prefill the longest-waiting prompts with what is left of the batch, so decoding
+    // slots keep streaming while a long prompt is processed piece by piece.
+    std::vector<Slot *> prefilling;
+    for (auto & slot : slots_) {
+        if (slot.req && !slot.decoding) prefilling.push_back(&slot);
+    }
+    std::sort(prefilling.begin(), prefilling.end(), [](const Slot * a, const Slot * b) { return a->req->id < b->req->id; });
+    for (Slot * slot : prefilling) {
+        const int32_t budget = n_batch - batch_.n_tokens;
+        if (budget <= 0) break;
+        const auto & prompt = slot->req->prompt;
+        const size_t n = std::min(static_cast<size_t>(budget), prompt.size() - slot->n_prompt_done);
+        const bool last_piece = slot->n_prompt_done + n == prompt.size();
+        for (size_t i = 0; i < n; ++i) {
+            batch_add(batch_, prompt[slot->n_prompt_done + i], slot->n_past++, slot->seq_id, last_piece && i + 1 == n);
+        }
+        slot->n_prompt_done += n;
+        slot->i_batch = last_piece ? batch_.n_tokens - 1 : -1;
+        slot->in_batch = true;
+    }
+    return batch_.n_tokens > 0;
+}
+
+TokenLogprob Engine::logprob_of(int32_t batch_idx, llama_token token, int32_t top_n) {
+    // Log-probabilities under the model itself (softmax of the raw logits), not of the
+    // sampler-shaped distribution: that is what callers compare across settings.
+    const float * logits = llama_get_logits_ith(ctx_, batch_idx);
+    const int32_t n_vocab = n_vocab_;
+    float max_l = logits[0];
+    for (int32_t i = 1; i < n_vocab; ++i) max_l = std::max(max_l, logits[i]);
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; ++i) sum += std::exp(static_cast<double>(logits[i] - max_l));
+    const float lse = max_l + static_cast<float>(std::log(sum));
+
+    TokenLogprob out;
+    out.token_id = token;
+    out.text = utf8_sanitize(common_token_to_piece(vocab_, token, true));
+    out.logprob = std::min(0.0f, logits[token] - lse);
+    if (top_n > 0) {
+        std::vector<int32_t> idx(static_cast<size_t>(n_vocab));
+        for (int32_t i = 0; i < n_vocab; ++i) idx[static_cast<size_t>(i)] = i;
+        const int32_t k = std::min(top_n, n_vocab);
+        std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+            return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+        });
+        for (int32_t i = 0; i < k; ++i) {
+            const int32_t t = idx[static_cast<size_t>(i)];
+            out.top.push_back({t, utf8_sanitize(common_token_to_piece(vocab_, t, true)), std::min(0.0f, logits[t] - lse)});
+        }
+    }
+    return out;
+}
+
+void Engine::emit(Slot & slot, const std::string & text) {
+    // Tokens whose text is held back (partial UTF-8, possible stop sequence) ride along
+    // with the next chunk that has text.
+    if (text.empty()) return;
+    Event ev;
+    ev.text = text;
+    ev.token_ids = std::move(slot.chunk_tokens);
+    ev.n_tokens = static_cast<int32_t>(slot.generated.size());
+    if (slot.req->params.logprobs >= 0) {
+        ev.logprobs = std::move(slot.chunk_logprobs);
+    }
+    slot.chunk_tokens.clear();
+    slot.chunk_logprobs.clear();
+    slot.delivered_text += text;
+    slot.req->push(std::move(ev));
+}
+
+void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_sequence, const std::string & error) {
+    Request & req = *slot.req;
+    if (error.empty() && (reason == StopReason::LENGTH || reason == StopReason::EOS)) {
+        emit(slot, slot.text->flush());
+    }
+    const auto now = Request::clock::now();
+    Event ev;
+    ev.is_final = true;
+    ev.text = slot.delivered_text;
+    ev.token_ids = slot.generated;
+    ev.n_tokens = static_cast<int32_t>(slot.generated.size());
+    if (req.params.logprobs >= 0) {
+        ev.logprobs = std::move(slot.all_logprobs);
+    }
+    ev.stop_reason = reason;
+    ev.stop_sequence = stop_sequence;
+    ev.prompt_tokens = static_cast<int32_t>(req.prompt.size());
+    ev.error = error;
+    const auto t_admit = req.t_admit.time_since_epoch().count() ? req.t_admit : now;
+    ev.queue_ms = ms_between(req.t_submit, t_admit);
+    ev.total_ms = ms_between(req.t_submit, now);
+    if (req.t_first_token.time_since_epoch().count()) {
+        ev.ttft_ms = ms_between(req.t_submit, req.t_first_token);
+        const double prompt_ms = ms_between(t_admit, req.t_prompt_done);
+        ev.prompt_tps = prompt_ms > 0 ? 1000.0 * static_cast<double>(req.prompt.size()) / prompt_ms : 0.0;
+        const double decode_ms = ms_between(req.t_first_token, now);
+        ev.decode_tps = (decode_ms > 0 && slot.generated.size() > 1)
+                            ? 1000.0 * static_cast<double>(slot.generated.size() - 1) / decode_ms
+                            : 0.0;
+    }
+    completion_tokens_total_ += slot.generated.size();
+    req.push(std::move(ev));
+    // Free the slot and its KV at once so the next request can start.
+    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+    slot.reset();
+    busy_slots_--;
+}
+
+void Engine::sample_slot(Slot & slot) {
+    Request & req = *slot.req;
+    const llama_token id = common_sampler_sample(req.sampler, ctx_, slot.i_batch);
+    common_sampler_accept(req.sampler, id, true);
+    if (slot.generated.empty()) {
+        req.t_first_token = Request::clock::now();
+    }
+    if (llama_vocab_is_eog(vocab_, id)) {
+        finish(slot, StopReason::EOS);
+        return;
+    }
+    slot.generated.push_back(id);
+    slot.chunk_tokens.push_back(id);
+    if (req.params.logprobs >= 0) {
+        TokenLogprob lp = logprob_of(slot.i_batch, id, req.params.logprobs);
+        slot.all_logprobs.push_back(lp);
+        slot.chunk_logprobs.push_back(std::move(lp));
+    }
+    TextStream::Step step = slot.text->push(common_token_to_piece(vocab_, id, true));
+    if (step.stopped) {
+        emit(slot, step.emit);
+        finish(slot, StopReason::STOP_SEQUENCE, step.stop_sequence);
+        return;
+    }
+    emit(slot, step.emit);
+    // The next token would need one more KV cell; stop when the sequence's context is full.
+    if (static_cast<int32_t>(slot.generated.size()) >= req.params.max_tokens || slot.n_past >= n_ctx_seq_) {
+        finish(slot, StopReason::LENGTH);
+        return;
+    }
+    slot.next_token = id;
+}
+
+void Engine::after_decode() {
+    for (auto & slot : slots_) {
+        if (!slot.req || !slot.in_batch) continue;
+        slot.in_batch = false;
+        if (slot.i_batch < 0) continue;  // a prompt piece that is not the last one
+        if (!slot.decoding) {
+            slot.decoding = true;
+            slot.req->t_prompt_done = Request::clock::now();
+        }
+        sample_slot(slot);
+    }
+}
+
+void Engine::fail_batch(const std::string & error) {
+    for (auto & slot : slots_) {
+        if (!slot.req || !slot.in_batch) continue;
+        slot.in_batch = false;
+        finish(slot, StopReason::CANCELLED, "", error);
+    }
+}
+
+void Engine::run() {
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lock(mu_);
+            admit_locked();
+            const bool any_active = std::any_of(slots_.begin(), slots_.end(), [](const Slot & s) { return s.req != nullptr; });
+            if (!any_active) {
+                if (stop_) return;
+                cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+                continue;
+            }
+        }
+        for (auto & slot : slots_) {
+            if (slot.req && (slot.req->cancelled() || stop_)) {
+                finish(slot, StopReason::CANCELLED);
+            }
+        }
+        if (!build_batch()) continue;
+        const int32_t ret = llama_decode(ctx_, batch_);
+        decode_steps_total_++;
+        if (ret == 0) {
+            after_decode();
+        } else if (ret == 2) {
+            // Aborted because every sequence in the batch was cancelled: the loop's
+            // cancellation pass finishes them; drop their partial KV now.
+            for (auto & slot : slots_) slot.in_batch = false;
+        } else {
+            fail_batch("llama_decode failed (status " + std::to_string(ret) + ")");
+        }
+    }
+}
+
+void Engine::ensure_open() const {
+    if (!model_) throw EngineClosedError("the engine is closed");
+}
+
+std::vector<llama_token> Engine::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    ensure_open();
+    return common_tokenize(vocab_, text, add_special, parse_special);
+}
+
+std::string Engine::detokenize(const std::vector<llama_token> & tokens, bool remove_special, bool unparse_special) const {
+    ensure_open();
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= n_vocab) throw std::invalid_argument("tokens: id " + std::to_string(t) + " is not in the vocabulary");
+    }
+    std::string out(tokens.size() * 4 + 16, '\0');
+    int32_t n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), out.data(),
+                                 static_cast<int32_t>(out.size()), remove_special, unparse_special);
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), out.data(),
+                             static_cast<int32_t>(out.size()), remove_special, unparse_special);
+    }
+    out.resize(static_cast<size_t>(std::max(n, 0)));
+    return utf8_sanitize(out);
+}
+
+int32_t Engine::n_vocab() const {
+    return n_vocab_;
+}
+
+ModelInfo Engine::model_info() const {
+    ensure_open();
+    ModelInfo info;
+    char buf[512];
+    auto meta = [&](const char * key) {
+        const int32_t n = llama_model_meta_val_str(model_, key, buf, sizeof buf);
+        return n >= 0 ? std::string(buf) : std::string();
+    };
+    info.name = meta("general.name");
+    info.architecture = meta("general.architecture");
+    if (llama_model_desc(model_, buf, sizeof buf) >= 0) info.description = buf;
+    info.n_params = llama_model_n_params(model_);
+    info.n_ctx_train = llama_model_n_ctx_train(model_);
+    info.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_));
+    info.n_vocab = llama_vocab_n_tokens(vocab_);
+    info.has_chat_template = llama_model_chat_template(model_, nullptr) != nullptr;
+    info.n_slots = static_cast<int32_t>(slots_.size());
+    return info;
+}
+
+Metrics Engine::metrics() const {
+    Metrics m;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        m.queue_depth = static_cast<int32_t>(queue_.size());
+    }
+    m.n_slots = static_cast<int32_t>(slots_.size());
+    m.busy_slots = busy_slots_.load();
+    m.requests_total = requests_total_.load();
+    m.prompt_tokens_total = prompt_tokens_total_.load();
+    m.completion_tokens_total = completion_tokens_total_.load();
+    m.decode_steps_total = decode_steps_total_.load();
+    return m;
+}
+
+}  // namespace llama_crab

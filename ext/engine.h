@@ -1,0 +1,118 @@
+// The engine: one model, one llama_context, many sequences.
+//
+// A single scheduler thread owns the context (llama.cpp contexts are not thread-safe).
+// Callers submit requests into a bounded wait queue; each step the scheduler admits
+// waiting requests into free slots, builds ONE llama_batch holding a token for every
+// decoding slot plus prompt pieces for prefilling slots (continuous batching), decodes,
+// then samples, detokenizes and checks stops per slot, pushing chunks to each request.
+// Nothing here knows about Python or gRPC.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "llama.h"
+#include "request.h"
+
+namespace llama_crab {
+
+struct EngineParams {
+    std::string model_path;
+    uint32_t n_ctx = 2048;
+    uint32_t n_batch = 512;
+    uint32_t n_ubatch = 512;
+    int32_t n_threads = 4;
+    int32_t n_threads_batch = 4;
+    int32_t n_gpu_layers = -1;
+    bool use_mmap = true;
+    bool use_mlock = false;
+    int32_t flash_attn = -1;  // llama_flash_attn_type: -1 auto, 0 off, 1 on
+    uint32_t seed = LLAMA_DEFAULT_SEED;
+    int32_t n_parallel = 1;
+    int32_t max_queue = 0;  // 0: unbounded
+};
+
+struct ModelInfo {
+    std::string name, architecture, description;
+    uint64_t n_params = 0;
+    int32_t n_ctx_train = 0, n_ctx = 0, n_vocab = 0, n_slots = 0;
+    bool has_chat_template = false;
+};
+
+struct Metrics {
+    int32_t n_slots = 0, busy_slots = 0, queue_depth = 0;
+    uint64_t requests_total = 0, prompt_tokens_total = 0, completion_tokens_total = 0, decode_steps_total = 0;
+};
+
+struct ModelLoadError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct InvalidGrammarError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+struct QueueFullError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct EngineClosedError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+class Engine {
+public:
+    explicit Engine(const EngineParams & params);  // loads the model; throws ModelLoadError
+    ~Engine();
+    Engine(const Engine &) = delete;
+    Engine & operator=(const Engine &) = delete;
+
+    // Thread-safe. Throws InvalidGrammarError, QueueFullError, EngineClosedError, std::invalid_argument.
+    std::shared_ptr<Request> submit(std::vector<llama_token> prompt, const SamplingParams & params);
+
+    // Cancel everything, stop the scheduler and free the context. Idempotent; call from one thread.
+    void close();
+
+    // Thread-safe, read-only uses of the vocabulary.
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    std::string detokenize(const std::vector<llama_token> & tokens, bool remove_special, bool unparse_special) const;
+    int32_t n_vocab() const;
+    int32_t n_ctx_per_slot() const { return n_ctx_seq_; }
+
+    ModelInfo model_info() const;
+    Metrics metrics() const;
+
+private:
+    struct Slot;
+
+    void run();
+    void admit_locked();
+    bool build_batch();
+    void after_decode();
+    void sample_slot(Slot & slot);
+    void emit(Slot & slot, const std::string & text);
+    void finish(Slot & slot, StopReason reason, const std::string & stop_sequence = "", const std::string & error = "");
+    void fail_batch(const std::string & error);
+    TokenLogprob logprob_of(int32_t batch_idx, llama_token token, int32_t top_n);
+    common_sampler * make_sampler(const SamplingParams & p) const;
+    static bool abort_callback(void * data);
+    void ensure_open() const;
+
+    EngineParams params_;
+    llama_model * model_ = nullptr;
+    llama_context * ctx_ = nullptr;
+    const llama_vocab * vocab_ = nullptr;
+    int32_t n_ctx_seq_ = 0;
+    llama_batch batch_{};
+    std::vector<Slot> slots_;
+    int32_t n_vocab_ = 0;
+
+    mutable std::mutex mu_;  // guards queue_, closing_, metrics counters read by callers
+    std::condition_variable cv_;
+    std::deque<std::shared_ptr<Request>> queue_;
+    bool closing_ = false;
+    std::atomic<bool> stop_{false};
+    uint64_t next_id_ = 1;
+    std::atomic<int32_t> busy_slots_{0};
+    std::atomic<uint64_t> requests_total_{0}, prompt_tokens_total_{0}, completion_tokens_total_{0}, decode_steps_total_{0};
+    std::thread thread_;
+};
+
+}  // namespace llama_crab

@@ -1,0 +1,85 @@
+#include "request.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <stdexcept>
+
+#include "sampling.h"
+
+namespace llama_crab {
+
+Request::Request(uint64_t id_, std::vector<llama_token> prompt_, SamplingParams params_, common_sampler * sampler_)
+    : id(id_), prompt(std::move(prompt_)), params(std::move(params_)), sampler(sampler_) {
+    // A non-blocking self-pipe lets an event loop (asyncio add_reader) wait for events
+    // without a thread per stream.
+    int fds[2];
+    if (pipe(fds) != 0) {
+        common_sampler_free(sampler);
+        throw std::runtime_error("cannot create the request's event pipe");
+    }
+    for (int fd : fds) {
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+    pipe_r_ = fds[0];
+    pipe_w_ = fds[1];
+}
+
+Request::~Request() {
+    common_sampler_free(sampler);
+    if (pipe_r_ >= 0) close(pipe_r_);
+    if (pipe_w_ >= 0) close(pipe_w_);
+}
+
+void Request::push(Event ev) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (final_pushed_) return;
+    final_pushed_ = ev.is_final;
+    events_.push_back(std::move(ev));
+    if (!signaled_) {
+        const char b = 1;
+        // The pipe is non-blocking and holds at most one byte, so this cannot block.
+        signaled_ = write(pipe_w_, &b, 1) == 1;
+    }
+    cv_.notify_all();
+}
+
+void Request::drain_pipe_locked() {
+    if (!signaled_) return;
+    char buf[8];
+    while (read(pipe_r_, buf, sizeof buf) > 0) {
+    }
+    signaled_ = false;
+}
+
+std::vector<Event> Request::take_locked() {
+    std::vector<Event> out(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
+    events_.clear();
+    drain_pipe_locked();
+    return out;
+}
+
+std::vector<Event> Request::poll() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return take_locked();
+}
+
+std::vector<Event> Request::wait(double timeout_s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    // Once the final event was taken nothing more comes: never block then.
+    auto ready = [&] { return !events_.empty() || final_pushed_; };
+    if (timeout_s < 0) {
+        cv_.wait(lock, ready);
+    } else {
+        cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), ready);
+    }
+    return take_locked();
+}
+
+bool Request::finished() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return final_pushed_ && events_.empty();
+}
+
+}  // namespace llama_crab

@@ -1,0 +1,115 @@
+// One submitted completion: its inputs, its cancel flag and its output event queue.
+// Shared between the caller (Python thread) and the engine's scheduler thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "llama.h"
+
+struct common_sampler;
+
+namespace llama_crab {
+
+enum class StopReason { LENGTH, EOS, STOP_SEQUENCE, CANCELLED };
+
+struct SamplingParams {
+    int32_t max_tokens = 16;
+    std::vector<std::string> stop_sequences;
+    int32_t logprobs = -1;  // -1: off; N >= 0: chosen token + top-N alternatives
+    float temperature = 0.0f;
+    int32_t top_k = 40;
+    float top_p = 0.95f;
+    float min_p = 0.05f;
+    float typical_p = 1.0f;
+    float repeat_penalty = 1.0f;
+    float presence_penalty = 0.0f;
+    float frequency_penalty = 0.0f;
+    int32_t penalty_last_n = 64;
+    bool has_seed = false;
+    uint32_t seed = 0;
+    std::vector<std::pair<int32_t, float>> logit_bias;
+    std::string grammar;
+    std::vector<std::string> samplers;  // empty: llama.cpp common's default order
+};
+
+struct TopLogprob {
+    int32_t token_id = 0;
+    std::string text;
+    float logprob = 0.0f;
+};
+
+struct TokenLogprob {
+    int32_t token_id = 0;
+    std::string text;
+    float logprob = 0.0f;
+    std::vector<TopLogprob> top;
+};
+
+// A chunk (is_final == false) or the final completion (is_final == true).
+struct Event {
+    bool is_final = false;
+    std::string text;                 // chunk text, or the whole generated text when final
+    std::vector<int32_t> token_ids;   // this chunk's tokens, or all generated tokens when final
+    int32_t n_tokens = 0;             // tokens generated so far (cumulative)
+    std::optional<std::vector<TokenLogprob>> logprobs;
+
+    // final only
+    StopReason stop_reason = StopReason::LENGTH;
+    std::string stop_sequence;
+    int32_t prompt_tokens = 0;
+    int32_t cached_tokens = 0;
+    double queue_ms = 0, ttft_ms = 0, prompt_tps = 0, decode_tps = 0, total_ms = 0;
+    std::string error;  // non-empty if the engine failed this sequence
+};
+
+class Request {
+public:
+    using clock = std::chrono::steady_clock;
+
+    Request(uint64_t id, std::vector<llama_token> prompt, SamplingParams params, common_sampler * sampler);
+    ~Request();
+    Request(const Request &) = delete;
+    Request & operator=(const Request &) = delete;
+
+    const uint64_t id;
+    const std::vector<llama_token> prompt;
+    const SamplingParams params;
+    common_sampler * const sampler;  // owned; used only by the scheduler thread once submitted
+
+    // Caller side. All are thread-safe; wait() blocks and must be called without the GIL.
+    void cancel() { cancelled_.store(true, std::memory_order_relaxed); }
+    bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
+    std::vector<Event> poll();
+    std::vector<Event> wait(double timeout_s);  // < 0: no timeout
+    int fileno() const { return pipe_r_; }
+    bool finished() const;
+
+    // Scheduler side.
+    void push(Event ev);
+
+    // Timings, written by the scheduler thread only.
+    clock::time_point t_submit = clock::now();
+    clock::time_point t_admit{}, t_prompt_done{}, t_first_token{};
+
+private:
+    std::vector<Event> take_locked();
+    void drain_pipe_locked();
+
+    std::atomic<bool> cancelled_{false};
+    mutable std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<Event> events_;
+    bool final_pushed_ = false;
+    bool signaled_ = false;  // a byte sits in the pipe
+    int pipe_r_ = -1, pipe_w_ = -1;
+};
+
+}  // namespace llama_crab

@@ -1,0 +1,58 @@
+"""llama-crab: stream text generation from llama.cpp, in process or over gRPC.
+
+    from llama_crab import Llama, LlamaParams, CompletionOptions, StreamControl
+    llama = Llama.load(LlamaParams("model.gguf").with_n_ctx(512))
+    completion = llama.create_completion_stream(
+        "Write one short sentence about Rust.",
+        CompletionOptions(64).with_stop_sequence("\\n\\n"),
+        lambda chunk: StreamControl.CONTINUE,
+    )
+"""
+
+from llama_crab_client.errors import (
+    InvalidArgumentError,
+    LlamaCrabError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from llama_crab_client.types import (
+    Chunk,
+    Completion,
+    CompletionCallback,
+    CompletionOptions,
+    FieldViolation,
+    ModelInfo,
+    StopReason,
+    StreamControl,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+from .llama import CompletionHandle, CompletionStream, EngineMetrics, Llama
+from .params import LlamaParams
+
+__all__ = [
+    "Chunk",
+    "Completion",
+    "CompletionCallback",
+    "CompletionHandle",
+    "CompletionOptions",
+    "CompletionStream",
+    "EngineMetrics",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "Llama",
+    "LlamaCrabError",
+    "LlamaParams",
+    "ModelInfo",
+    "ResourceExhaustedError",
+    "StopReason",
+    "StreamControl",
+    "Timings",
+    "TokenLogprob",
+    "TopLogprob",
+    "UnavailableError",
+    "Usage",
+]

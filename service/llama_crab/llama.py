@@ -1,0 +1,425 @@
+"""The in-process API: `Llama` over the native continuous-batching engine.
+
+Python sees whole chunks; decoding, sampling, detokenizing and stop checks run in the
+engine's C++ scheduler thread with the GIL released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Optional, Union
+
+from llama_crab_client.errors import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from llama_crab_client.types import (
+    Chunk,
+    Completion,
+    CompletionCallback,
+    CompletionOptions,
+    FieldViolation,
+    ModelInfo,
+    StopReason,
+    StreamControl,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+from . import _engine
+from .logs import install_llama_log_bridge
+from .params import LlamaParams
+
+__all__ = ["CompletionHandle", "CompletionStream", "EngineMetrics", "Event", "Llama"]
+
+Event = Union[Chunk, Completion]
+Prompt = Union[str, Sequence[int]]
+
+_STOP_REASONS = {
+    _engine.StopReason.LENGTH: StopReason.LENGTH,
+    _engine.StopReason.EOS: StopReason.EOS,
+    _engine.StopReason.STOP_SEQUENCE: StopReason.STOP_SEQUENCE,
+    _engine.StopReason.CANCELLED: StopReason.CANCELLED,
+}
+
+_log = logging.getLogger("llama_crab")
+
+
+def _logprobs(native: Optional[list[_engine.TokenLogprob]]) -> Optional[tuple[TokenLogprob, ...]]:
+    if native is None:
+        return None
+    return tuple(
+        TokenLogprob(
+            lp.token_id,
+            lp.text,
+            lp.logprob,
+            tuple(TopLogprob(t.token_id, t.text, t.logprob) for t in lp.top),
+        )
+        for lp in native
+    )
+
+
+def _to_event(ev: _engine.Event) -> Event:
+    if not ev.is_final:
+        return Chunk(ev.text, tuple(ev.token_ids), ev.n_tokens, _logprobs(ev.logprobs))
+    if ev.error:
+        # The engine failed this sequence (e.g. llama_decode error); surface it, don't hide it.
+        raise RuntimeError(f"generation failed: {ev.error}")
+    return Completion(
+        text=ev.text,
+        token_ids=tuple(ev.token_ids),
+        stop_reason=_STOP_REASONS[ev.stop_reason],
+        stop_sequence=ev.stop_sequence or None,
+        usage=Usage(ev.prompt_tokens, ev.n_tokens, ev.cached_tokens),
+        timings=Timings(
+            queue_ms=ev.queue_ms,
+            time_to_first_token_ms=ev.ttft_ms,
+            prompt_tokens_per_second=ev.prompt_tps,
+            decode_tokens_per_second=ev.decode_tps,
+            total_ms=ev.total_ms,
+        ),
+        logprobs=_logprobs(ev.logprobs),
+    )
+
+
+def _delivered_completion(final: Completion, delivered: list[Chunk]) -> Completion:
+    """The Completion of a stream stopped by its consumer: exactly what was delivered."""
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
+    if final.logprobs is not None:
+        logprobs = tuple(lp for c in delivered for lp in (c.logprobs or ()))
+    token_ids = tuple(t for c in delivered for t in c.token_ids)
+    return Completion(
+        text="".join(c.text for c in delivered),
+        token_ids=token_ids,
+        stop_reason=StopReason.CANCELLED,
+        stop_sequence=None,
+        usage=Usage(final.usage.prompt_tokens, len(token_ids), final.usage.cached_tokens),
+        timings=final.timings,
+        logprobs=logprobs,
+    )
+
+
+class EngineMetrics:
+    """A snapshot of the engine's counters (the service exports them)."""
+
+    def __init__(self, native: _engine.Metrics) -> None:
+        self.n_slots: int = native.n_slots
+        self.busy_slots: int = native.busy_slots
+        self.queue_depth: int = native.queue_depth
+        self.requests_total: int = native.requests_total
+        self.prompt_tokens_total: int = native.prompt_tokens_total
+        self.completion_tokens_total: int = native.completion_tokens_total
+        self.decode_steps_total: int = native.decode_steps_total
+
+
+class CompletionHandle:
+    """A submitted request: zero or more `Chunk` events, then exactly one `Completion`.
+
+    `fileno()` becomes readable whenever events are waiting, so an asyncio loop can
+    watch it (`loop.add_reader`) and call `poll()` without a thread per stream.
+    """
+
+    def __init__(self, native: _engine.Request) -> None:
+        self._native = native
+        self.done = False
+
+    @property
+    def id(self) -> int:
+        return int(self._native.id)
+
+    def fileno(self) -> int:
+        return int(self._native.fileno())
+
+    def _convert(self, events: list[_engine.Event]) -> list[Event]:
+        out = [_to_event(e) for e in events]
+        if out and isinstance(out[-1], Completion):
+            self.done = True
+        return out
+
+    def poll(self) -> list[Event]:
+        """Events ready now, without blocking."""
+        return self._convert(self._native.poll())
+
+    def wait(self, timeout: Optional[float] = None) -> list[Event]:
+        """Block (GIL released) until at least one event is ready or `timeout` seconds pass."""
+        return self._convert(self._native.wait(-1.0 if timeout is None else max(0.0, timeout)))
+
+    def cancel(self) -> None:
+        """Stop generation (queued, prefilling or decoding); a final CANCELLED Completion follows."""
+        self._native.cancel()
+
+    def events(self) -> Iterator[Event]:
+        """Every event until the final Completion (blocking)."""
+        while not self.done:
+            yield from self.wait()
+
+    def close(self) -> None:
+        """Cancel if still running and release the engine-side resources."""
+        if not self.done:
+            self.cancel()
+            for _ in self.events():
+                pass
+        self._native.close()
+
+
+class CompletionStream:
+    """Iterate chunks; `completion` holds the final result once iteration ends.
+
+    Leaving the loop early (break, exception, `close()`, or the stream being dropped)
+    counts as STOP: generation is cancelled and `completion` holds what was delivered.
+    """
+
+    def __init__(self, handle: CompletionHandle) -> None:
+        self._handle = handle
+        self._delivered: list[Chunk] = []
+        self._pending: list[Event] = []
+        self.completion: Optional[Completion] = None
+
+    def __iter__(self) -> CompletionStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        while self.completion is None:
+            if not self._pending:
+                self._pending = self._handle.wait()
+                continue
+            event = self._pending.pop(0)
+            if isinstance(event, Completion):
+                self.completion = event
+                self._handle.close()
+                break
+            self._delivered.append(event)
+            return event
+        raise StopIteration
+
+    def close(self) -> Completion:
+        """Stop now (if not finished) and return the Completion of what was delivered."""
+        if self.completion is None:
+            self._handle.cancel()
+            final = next(e for e in self._handle.events() if isinstance(e, Completion))
+            self._handle.close()
+            self.completion = _delivered_completion(final, self._delivered)
+        return self.completion
+
+    def __enter__(self) -> CompletionStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self.completion is None:
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: nothing useful to do
+                pass
+
+
+class Llama:
+    """A loaded model serving completions from one context, `n_parallel` at a time."""
+
+    def __init__(self, engine: _engine.Engine, params: LlamaParams) -> None:
+        self._engine = engine
+        self.params = params
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, params: Union[LlamaParams, str, "os.PathLike[str]"]) -> Llama:
+        """Load a GGUF model. Raises ValueError for bad parameters or a bad model file."""
+        if not isinstance(params, LlamaParams):
+            params = LlamaParams(os.fspath(params))
+        problems = params.violations()
+        if problems:
+            raise InvalidArgumentError.from_violations(
+                [FieldViolation(f, d) for f, d in problems]
+            )
+        if not os.path.isfile(params.model_path):
+            raise InvalidArgumentError.for_field("model_path", f"no such file: {params.model_path!r}")
+        install_llama_log_bridge()
+        threads = params.n_threads or os.cpu_count() or 1
+        native = _engine.EngineParams()
+        native.model_path = params.model_path
+        native.n_ctx = params.n_ctx
+        native.n_batch = params.n_batch
+        native.n_ubatch = min(params.n_ubatch, params.n_batch)
+        native.n_threads = threads
+        native.n_threads_batch = params.n_threads_batch or threads
+        native.n_gpu_layers = params.n_gpu_layers
+        native.use_mmap = params.use_mmap
+        native.use_mlock = params.use_mlock
+        native.flash_attn = {"auto": -1, "off": 0, "on": 1}[params.flash_attn]
+        native.seed = params.seed
+        native.n_parallel = params.n_parallel
+        native.max_queue = params.max_queue
+        try:
+            engine = _engine.Engine(native)
+        except _engine.ModelLoadError as e:
+            raise InvalidArgumentError.for_field("model_path", str(e)) from None
+        return cls(engine, params)
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def close(self) -> None:
+        """Cancel everything in flight and free the model and context."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._engine.close()
+
+    def __enter__(self) -> Llama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Join the scheduler thread deterministically (the native close releases the GIL).
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UnavailableError("the model is closed")
+
+    # ---- model ----------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Tokens of `text`; `add_special` adds BOS/EOS as the model's metadata asks."""
+        self._check_open()
+        return list(self._engine.tokenize(text, add_special, parse_special))
+
+    def detokenize(self, tokens: Sequence[int], remove_special: bool = False, unparse_special: bool = True) -> str:
+        self._check_open()
+        self._check_tokens(tokens, "tokens")
+        return str(self._engine.detokenize(list(tokens), remove_special, unparse_special))
+
+    def model_info(self) -> ModelInfo:
+        self._check_open()
+        m = self._engine.model_info()
+        return ModelInfo(
+            name=m.name,
+            architecture=m.architecture,
+            description=m.description,
+            n_params=m.n_params,
+            n_ctx_train=m.n_ctx_train,
+            n_ctx=m.n_ctx,
+            n_vocab=m.n_vocab,
+            has_chat_template=m.has_chat_template,
+            n_slots=m.n_slots,
+        )
+
+    def metrics(self) -> EngineMetrics:
+        return EngineMetrics(self._engine.metrics())
+
+    @property
+    def n_ctx_per_slot(self) -> int:
+        return int(self._engine.n_ctx_per_slot())
+
+    # ---- generation -----------------------------------------------------------------
+    def _check_tokens(self, tokens: Sequence[int], field: str) -> None:
+        n_vocab = self._engine.n_vocab()
+        for t in tokens:
+            if not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise InvalidArgumentError.for_field(field, f"token id {t!r} is not in the vocabulary [0, {n_vocab})")
+
+    def submit(self, prompt: Prompt, options: Optional[CompletionOptions] = None) -> CompletionHandle:
+        """Queue a completion and return its handle (the low-level form the service uses).
+
+        Raises InvalidArgumentError (field named) for a bad prompt or options,
+        ResourceExhaustedError when the wait queue is full, UnavailableError after close().
+        """
+        self._check_open()
+        options = options or CompletionOptions()
+        problems = options.violations(self._engine.n_vocab())
+        if problems:
+            raise InvalidArgumentError.from_violations(problems)
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise InvalidArgumentError.for_field("prompt", "must not be empty")
+            tokens = self.tokenize(prompt)
+        else:
+            tokens = list(prompt)
+            self._check_tokens(tokens, "prompt")
+        if not tokens:
+            raise InvalidArgumentError.for_field("prompt", "must not be empty")
+        limit = self.n_ctx_per_slot
+        if len(tokens) >= limit:
+            raise InvalidArgumentError.for_field(
+                "prompt", f"is {len(tokens)} tokens; a sequence's context holds {limit} (prompt must be shorter)"
+            )
+        sp = _engine.SamplingParams()
+        sp.max_tokens = options.max_tokens
+        sp.stop_sequences = list(options.stop_sequences)
+        sp.logprobs = -1 if options.logprobs is None else options.logprobs
+        sp.temperature = options.temperature
+        sp.top_k = options.top_k
+        sp.top_p = options.top_p
+        sp.min_p = options.min_p
+        sp.typical_p = options.typical_p
+        sp.repeat_penalty = options.repeat_penalty
+        sp.presence_penalty = options.presence_penalty
+        sp.frequency_penalty = options.frequency_penalty
+        sp.penalty_last_n = options.penalty_last_n
+        sp.has_seed = options.seed is not None
+        sp.seed = options.seed or 0
+        sp.logit_bias = [(int(k), float(v)) for k, v in options.logit_bias.items()]
+        sp.grammar = options.grammar or ""
+        sp.samplers = list(options.samplers) if options.samplers is not None else []
+        try:
+            return CompletionHandle(self._engine.submit(tokens, sp))
+        except _engine.InvalidGrammarError as e:
+            raise InvalidArgumentError.for_field("grammar", str(e)) from None
+        except _engine.QueueFullError as e:
+            raise ResourceExhaustedError(str(e)) from None
+        except _engine.EngineClosedError as e:
+            raise UnavailableError(str(e)) from None
+
+    def stream(self, prompt: Prompt, options: Optional[CompletionOptions] = None) -> CompletionStream:
+        """Iterate chunks: `for chunk in llama.stream(...)`; leaving the loop is STOP."""
+        return CompletionStream(self.submit(prompt, options))
+
+    def create_completion_stream(
+        self,
+        prompt: Prompt,
+        options: Optional[CompletionOptions],
+        callback: CompletionCallback,
+    ) -> Completion:
+        """Stream chunks to `callback` and return the final Completion.
+
+        `callback` returns StreamControl.CONTINUE (or None) or StreamControl.STOP. After
+        STOP no further chunk is delivered and the Completion holds exactly the delivered
+        text with stop reason CANCELLED. An exception from the callback cancels the
+        request and propagates; the Llama stays usable.
+        """
+        stream = self.stream(prompt, options)
+        try:
+            for chunk in stream:
+                if callback(chunk) is StreamControl.STOP:
+                    return stream.close()
+        except BaseException:
+            stream.close()
+            raise
+        assert stream.completion is not None
+        return stream.completion
+
+    def create_completion(self, prompt: Prompt, options: Optional[CompletionOptions] = None) -> Completion:
+        """Generate to the end and return the Completion."""
+        handle = self.submit(prompt, options)
+        try:
+            for event in handle.events():
+                if isinstance(event, Completion):
+                    return event
+        finally:
+            handle.close()
+        raise AssertionError("engine ended a stream without a Completion")

@@ -1,0 +1,96 @@
+"""`LlamaParams`: how to load a model and size its context."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+FlashAttn = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class LlamaParams:
+    """Model and context parameters. Build with keywords or `with_*` builders.
+
+    `n_parallel` is the number of sequences (slots) served at once from one context;
+    each slot gets `n_ctx / n_parallel` tokens of KV. `max_queue` bounds how many
+    requests may wait for a slot (0 = unbounded).
+    """
+
+    model_path: str
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    # None: all cores for both (llama.cpp's default would use fewer).
+    n_threads: Optional[int] = None
+    n_threads_batch: Optional[int] = None
+    n_gpu_layers: int = -1  # -1: offload everything a GPU build can; ignored on CPU builds
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: FlashAttn = "auto"
+    seed: int = 0xFFFFFFFF  # default seed for requests that set none; 0xFFFFFFFF = random
+    n_parallel: int = 1
+    max_queue: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_path", os.fspath(self.model_path))
+
+    def _with(self, **changes: Any) -> LlamaParams:
+        return dataclasses.replace(self, **changes)
+
+    def with_n_ctx(self, n_ctx: int) -> LlamaParams:
+        return self._with(n_ctx=n_ctx)
+
+    def with_n_batch(self, n_batch: int) -> LlamaParams:
+        return self._with(n_batch=n_batch)
+
+    def with_n_ubatch(self, n_ubatch: int) -> LlamaParams:
+        return self._with(n_ubatch=n_ubatch)
+
+    def with_n_threads(self, n_threads: int, n_threads_batch: Optional[int] = None) -> LlamaParams:
+        return self._with(n_threads=n_threads, n_threads_batch=n_threads_batch)
+
+    def with_n_gpu_layers(self, n_gpu_layers: int) -> LlamaParams:
+        return self._with(n_gpu_layers=n_gpu_layers)
+
+    def with_use_mmap(self, use_mmap: bool) -> LlamaParams:
+        return self._with(use_mmap=use_mmap)
+
+    def with_use_mlock(self, use_mlock: bool) -> LlamaParams:
+        return self._with(use_mlock=use_mlock)
+
+    def with_flash_attn(self, flash_attn: FlashAttn) -> LlamaParams:
+        return self._with(flash_attn=flash_attn)
+
+    def with_seed(self, seed: int) -> LlamaParams:
+        return self._with(seed=seed)
+
+    def with_n_parallel(self, n_parallel: int) -> LlamaParams:
+        return self._with(n_parallel=n_parallel)
+
+    def with_max_queue(self, max_queue: int) -> LlamaParams:
+        return self._with(max_queue=max_queue)
+
+    def violations(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        positive = ("n_ctx", "n_batch", "n_ubatch", "n_parallel")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                out.append((name, "must be an integer >= 1"))
+        for name in ("n_threads", "n_threads_batch"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                out.append((name, "must be None or an integer >= 1"))
+        if not isinstance(self.max_queue, int) or self.max_queue < 0:
+            out.append(("max_queue", "must be an integer >= 0"))
+        if self.flash_attn not in ("auto", "on", "off"):
+            out.append(("flash_attn", "must be 'auto', 'on' or 'off'"))
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= 0xFFFFFFFF:
+            out.append(("seed", "must be an integer in [0, 2**32 - 1]"))
+        if isinstance(self.n_ctx, int) and isinstance(self.n_parallel, int) and self.n_parallel >= 1:
+            if self.n_ctx // self.n_parallel < 8:
+                out.append(("n_ctx", "must leave at least 8 tokens per slot (n_ctx / n_parallel)"))
+        return out
