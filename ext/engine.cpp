@@ -348,7 +348,7 @@ void Engine::emit(Slot & slot, const std::string & text) {
 }
 
 void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_sequence, const std::string & error) {
-    Request & req = *slot.req;
+    const Request & req = *slot.req;
     if (error.empty() && (reason == StopReason::LENGTH || reason == StopReason::EOS)) {
         emit(slot, slot.text->flush());
     }
@@ -378,11 +378,13 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
                             : 0.0;
     }
     completion_tokens_total_ += slot.generated.size();
-    req.push(std::move(ev));
-    // Free the slot and its KV at once so the next request can start.
+    // Free the slot and its KV at once so the next request can start; do it before the
+    // final event goes out so a caller that sees it also sees the slot free.
+    std::shared_ptr<Request> owner = std::move(slot.req);
     llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
     slot.reset();
     busy_slots_--;
+    owner->push(std::move(ev));
 }
 
 void Engine::sample_slot(Slot & slot) {
@@ -427,7 +429,12 @@ void Engine::after_decode() {
             slot.decoding = true;
             slot.req->t_prompt_done = Request::clock::now();
         }
-        sample_slot(slot);
+        try {
+            sample_slot(slot);
+        } catch (const std::exception & e) {
+            // One request's failure (e.g. its sampler) must not take down the others.
+            if (slot.req) finish(slot, StopReason::CANCELLED, "", std::string("sampling failed: ") + e.what());
+        }
     }
 }
 

@@ -372,3 +372,26 @@ def test_closed_llama_refuses_work(model_path: str) -> None:
     model.close()
     with pytest.raises(UnavailableError):
         model.create_completion(PROMPT, CompletionOptions(4))
+
+
+def test_long_prompt_is_prefilled_in_pieces_while_others_decode(model_path: str) -> None:
+    # n_batch 16: a ~400-token prompt needs ~25 steps to prefill. With continuous batching
+    # the already-decoding stream gets a token in each of those steps.
+    params = LlamaParams(model_path).with_n_ctx(1024).with_n_parallel(2).with_n_batch(16)
+    with Llama.load(params) as model:
+        no_eos = {t: -math.inf for t in (0, 1, 2)}
+        short = model.submit("Once upon a time", CompletionOptions(400, logit_bias=no_eos))
+        produced = 0
+        while produced == 0:
+            produced += sum(len(e.token_ids) for e in short.wait() if isinstance(e, Chunk))
+        long_prompt = " ".join(["crabs"] * 400)
+        long = model.submit(long_prompt, CompletionOptions(2))
+        before = produced
+        first_long: list[Chunk | Completion] = []
+        while not first_long:
+            first_long = long.wait()
+        during = sum(len(e.token_ids) for e in short.poll() if isinstance(e, Chunk))
+        assert during >= 12, f"decoding stream got only {during} tokens while a long prompt prefilled"
+        assert before >= 1
+        long.close()
+        short.close()
