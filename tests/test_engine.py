@@ -395,3 +395,18 @@ def test_long_prompt_is_prefilled_in_pieces_while_others_decode(model_path: str)
         assert before >= 1
         long.close()
         short.close()
+
+
+def test_llama_cpp_log_goes_through_logging(model_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    logger = logging.getLogger("llama_crab.llama_cpp")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="llama_crab.llama_cpp"):
+            Llama.load(LlamaParams(model_path).with_n_ctx(256)).close()
+        assert any("llama" in r.getMessage() for r in caplog.records if r.name == "llama_crab.llama_cpp")
+    finally:
+        logger.setLevel(old)
+        Llama.load(LlamaParams(model_path).with_n_ctx(256)).close()  # re-reads the level: quiet again
