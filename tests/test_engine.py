@@ -346,7 +346,10 @@ def test_single_slot_queues_concurrent_calls(model_path: str) -> None:
 
 def test_cancel_while_queued_and_prefilling(model_path: str) -> None:
     with Llama.load(LlamaParams(model_path).with_n_ctx(512).with_n_parallel(1).with_max_queue(1)) as single:
-        running = single.submit(PROMPT, CompletionOptions(200))
+        no_eos = {t: -math.inf for t in (0, 1, 2)}
+        running = single.submit(PROMPT, CompletionOptions(400, logit_bias=no_eos))
+        first = running.wait()  # running holds the only slot once it streams
+        assert first and isinstance(first[0], Chunk)
         queued = single.submit(PROMPT, CompletionOptions(8))
         from llama_crab import ResourceExhaustedError
 

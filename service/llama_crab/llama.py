@@ -31,6 +31,7 @@ from llama_crab_client.types import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    completion_from_delivered,
 )
 
 from . import _engine
@@ -86,23 +87,6 @@ def _to_event(ev: _engine.Event) -> Event:
             total_ms=ev.total_ms,
         ),
         logprobs=_logprobs(ev.logprobs),
-    )
-
-
-def _delivered_completion(final: Completion, delivered: list[Chunk]) -> Completion:
-    """The Completion of a stream stopped by its consumer: exactly what was delivered."""
-    logprobs: Optional[tuple[TokenLogprob, ...]] = None
-    if final.logprobs is not None:
-        logprobs = tuple(lp for c in delivered for lp in (c.logprobs or ()))
-    token_ids = tuple(t for c in delivered for t in c.token_ids)
-    return Completion(
-        text="".join(c.text for c in delivered),
-        token_ids=token_ids,
-        stop_reason=StopReason.CANCELLED,
-        stop_sequence=None,
-        usage=Usage(final.usage.prompt_tokens, len(token_ids), final.usage.cached_tokens),
-        timings=final.timings,
-        logprobs=logprobs,
     )
 
 
@@ -205,7 +189,7 @@ class CompletionStream:
             self._handle.cancel()
             final = next(e for e in self._handle.events() if isinstance(e, Completion))
             self._handle.close()
-            self.completion = _delivered_completion(final, self._delivered)
+            self.completion = completion_from_delivered(final, self._delivered)
         return self.completion
 
     def __enter__(self) -> CompletionStream:
