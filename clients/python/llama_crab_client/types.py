@@ -28,6 +28,7 @@ __all__ = [
     "TokenLogprob",
     "TopLogprob",
     "Usage",
+    "completion_from_delivered",
 ]
 
 
@@ -146,6 +147,48 @@ class ModelInfo:
 
 
 CompletionCallback = Callable[[Chunk], Optional[StreamControl]]
+
+
+def completion_from_delivered(
+    final: Optional[Completion],
+    delivered: Sequence[Chunk],
+    *,
+    prompt_tokens: int = 0,
+    timings: Optional[Timings] = None,
+    logprobs_requested: Optional[bool] = None,
+) -> Completion:
+    """The Completion of a stream its consumer stopped: exactly the delivered chunks.
+
+    `final` is the producer's own final Completion when one arrived (in process, the
+    engine's; remotely none, since the call is cancelled). Its usage and timings are
+    kept, but text, token ids and logprobs are rebuilt from `delivered`, because the
+    producer may have generated more than the consumer saw. Without `final`,
+    `prompt_tokens` and `timings` fill in what is known. Logprobs are present when
+    they were requested: `final` says so, else `logprobs_requested`, else whether the
+    chunks carried them.
+    """
+    token_ids = tuple(t for c in delivered for t in c.token_ids)
+    if final is not None:
+        wants_logprobs = final.logprobs is not None
+        prompt_tokens, cached = final.usage.prompt_tokens, final.usage.cached_tokens
+        timings = final.timings
+    else:
+        wants_logprobs = (
+            logprobs_requested
+            if logprobs_requested is not None
+            else any(c.logprobs is not None for c in delivered)
+        )
+        cached = 0
+    logprobs = tuple(lp for c in delivered for lp in (c.logprobs or ())) if wants_logprobs else None
+    return Completion(
+        text="".join(c.text for c in delivered),
+        token_ids=token_ids,
+        stop_reason=StopReason.CANCELLED,
+        stop_sequence=None,
+        usage=Usage(prompt_tokens, len(token_ids), cached),
+        timings=timings if timings is not None else Timings(),
+        logprobs=logprobs,
+    )
 
 
 def _is_int(value: Any) -> bool:
