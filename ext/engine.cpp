@@ -258,14 +258,19 @@ void Engine::admit_locked() {
 bool Engine::abort_callback(void * data) {
     // Abort a running decode only when nobody in it still wants the result.
     auto * self = static_cast<Engine *>(data);
-    if (self->stop_) return true;
-    bool any = false;
-    for (const auto & slot : self->slots_) {
-        if (!slot.in_batch) continue;
-        any = true;
-        if (!slot.req->cancelled()) return false;
+    bool abort = self->stop_;
+    if (!abort) {
+        bool any = false;
+        abort = true;
+        for (const auto & slot : self->slots_) {
+            if (!slot.in_batch) continue;
+            any = true;
+            if (!slot.req->cancelled()) abort = false;
+        }
+        abort = abort && any;
     }
-    return any;
+    if (abort) set_abort_in_progress(true);
+    return abort;
 }
 
 bool Engine::build_batch() {
@@ -465,6 +470,7 @@ void Engine::run() {
         }
         if (!build_batch()) continue;
         const int32_t ret = llama_decode(ctx_, batch_);
+        set_abort_in_progress(false);
         decode_steps_total_++;
         if (ret == 0) {
             after_decode();

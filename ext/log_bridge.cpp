@@ -14,6 +14,7 @@ namespace {
 std::atomic<LogHandler> g_handler{nullptr};
 std::atomic<void *> g_data{nullptr};
 std::atomic<int> g_min_level{GGML_LOG_LEVEL_WARN};
+std::atomic<bool> g_abort_in_progress{false};
 
 thread_local std::string t_line;      // fragments of the line being assembled
 thread_local int t_line_level = GGML_LOG_LEVEL_INFO;
@@ -29,13 +30,17 @@ void on_log(ggml_log_level level, const char * text, void *) {
         std::string line = t_line.substr(0, nl);
         t_line.erase(0, nl + 1);
         if (line.empty()) continue;
-        if (t_line_level == GGML_LOG_LEVEL_ERROR) {
+        int level = t_line_level;
+        if (level == GGML_LOG_LEVEL_ERROR && g_abort_in_progress.load()) {
+            level = GGML_LOG_LEVEL_DEBUG;
+        }
+        if (level == GGML_LOG_LEVEL_ERROR) {
             t_last_error = t_last_error.empty() ? line : t_last_error + "; " + line;
             if (t_last_error.size() > 1024) t_last_error.erase(0, t_last_error.size() - 1024);
         }
         LogHandler handler = g_handler.load();
-        if (handler && t_line_level >= g_min_level.load()) {
-            handler(t_line_level, line, g_data.load());
+        if (handler && level >= g_min_level.load()) {
+            handler(level, line, g_data.load());
         }
     }
 }
@@ -58,6 +63,10 @@ void set_log_min_level(int min_level) {
 
 void remove_log_handler() {
     g_handler = nullptr;
+}
+
+void set_abort_in_progress(bool on) {
+    g_abort_in_progress = on;
 }
 
 void clear_last_log_error() {

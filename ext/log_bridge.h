@@ -15,6 +15,10 @@ void install_log_bridge(LogHandler handler, void * data, int min_level);
 void set_log_min_level(int min_level);
 void remove_log_handler();  // keep silencing llama.cpp, stop forwarding (interpreter exit)
 
+// While set, ERROR lines are logged as DEBUG and not remembered: llama.cpp reports a
+// decode we aborted on purpose (every sequence in it was cancelled) as a failure.
+void set_abort_in_progress(bool on);
+
 void clear_last_log_error();
 std::string last_log_error();
 

@@ -122,10 +122,11 @@ class CompletionHandle:
         return int(self._native.fileno())
 
     def _convert(self, events: list[_engine.Event]) -> list[Event]:
-        out = [_to_event(e) for e in events]
-        if out and isinstance(out[-1], Completion):
+        # Mark done before converting: a failed sequence's final event raises below, and
+        # events()/close() must not wait for another final after that.
+        if events and events[-1].is_final:
             self.done = True
-        return out
+        return [_to_event(e) for e in events]
 
     def poll(self) -> list[Event]:
         """Events ready now, without blocking."""
