@@ -1,0 +1,254 @@
+"""Build and run the gRPC server: servicer, health, reflection, metrics, signals, drain.
+
+Lifecycle: the server starts listening with health NOT_SERVING; the model loads; a
+real one-token decode must pass; then health turns SERVING. On SIGTERM/SIGINT (or
+`Service.drain`) health turns NOT_SERVING, new completions get UNAVAILABLE, in-flight
+streams get `grace` seconds to finish and are then cancelled (their clients still get
+a final CANCELLED Completion), and the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import TYPE_CHECKING, Any, Optional
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from llama_crab_client.errors import LlamaCrabError
+from llama_crab_client.types import CompletionOptions
+
+from .auth import BearerTokenInterceptor
+from .config import ServeConfig
+from .logs import configure_logging, log_event
+from .metrics import MetricsServer, ServiceMetrics
+from .servicer import SERVICE_NAME, LlamaCrabServicer, register_servicer
+
+if TYPE_CHECKING:
+    from ..llama import EngineMetrics, Llama
+
+__all__ = ["Service", "load_llama", "run_serve"]
+
+_log = logging.getLogger("llama_crab.server")
+
+# After the grace period, cancelled streams need a moment to send their final message.
+_CANCEL_SETTLE_S = 5.0
+_WARMUP_PROMPT = "Hello"
+
+
+def _server_options(config: ServeConfig) -> list[tuple[str, Any]]:
+    ms = 1000.0
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Keepalive pings notice vanished clients, whose streams are then cancelled.
+        ("grpc.keepalive_time_ms", int(config.keepalive_time * ms)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.keepalive_min_ping_interval * ms)),
+        ("grpc.http2.max_ping_strikes", 2),
+        # Two servers must never share a port silently (Linux allows it with SO_REUSEPORT).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _server_credentials(config: ServeConfig) -> Optional[grpc.ServerCredentials]:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(config.tls_key), _read(config.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class Service:
+    """One running gRPC server around one `Llama` (attached now or once loaded)."""
+
+    def __init__(self, config: ServeConfig, llama: Optional[Llama] = None) -> None:
+        self.config = config
+        self._llama = llama
+        self.metrics = ServiceMetrics(self._engine_metrics)
+        self.servicer = LlamaCrabServicer(self.metrics)
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: Optional[aio.Server] = None
+        self._metrics_server: Optional[MetricsServer] = None
+        self._drain_task: Optional[asyncio.Task[None]] = None
+        self._stopped: Optional[asyncio.Event] = None
+        self.serving = False
+
+    def _engine_metrics(self) -> Optional[EngineMetrics]:
+        llama = self._llama
+        if llama is None:
+            return None
+        try:
+            return llama.metrics()
+        except Exception:  # closed engine during shutdown: no gauges rather than a failed scrape
+            return None
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_task is not None
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def start(self) -> int:
+        """Listen (health NOT_SERVING until `attach`); returns the bound port."""
+        config = self.config
+        self._stopped = asyncio.Event()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        interceptors: list[aio.ServerInterceptor] = []
+        token = config.resolved_auth_token()
+        if token is not None:
+            interceptors.append(BearerTokenInterceptor(token, self.servicer.on_unauthenticated))
+        server = aio.server(
+            interceptors=interceptors,
+            options=_server_options(config),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+        )
+        register_servicer(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.reflection:
+            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        credentials = _server_credentials(config)
+        if credentials is None:
+            self.port = server.add_insecure_port(config.address)
+        else:
+            self.port = server.add_secure_port(config.address, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.address}")
+        await server.start()
+        self._server = server
+        if config.metrics_port:
+            self._metrics_server = MetricsServer(self.metrics, config.metrics_host or config.host, config.metrics_port)
+            self.metrics_port = self._metrics_server.port
+        log_event(
+            "listening",
+            host=config.host,
+            port=self.port,
+            tls=credentials is not None,
+            mtls=config.tls_client_ca is not None,
+            auth=token is not None,
+            metrics_port=self.metrics_port or None,
+        )
+        if self._llama is not None:
+            await self.attach(self._llama)
+        return self.port
+
+    async def attach(self, llama: Llama) -> None:
+        """Serve `llama` once a real one-token decode passes; then health is SERVING."""
+        self._llama = llama
+        await asyncio.to_thread(llama.create_completion, _WARMUP_PROMPT, CompletionOptions(max_tokens=1))
+        if self.draining:
+            return
+        self.servicer.attach(llama)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+        info = llama.model_info()
+        log_event("serving", model=info.name, n_ctx=info.n_ctx, slots=info.n_slots, port=self.port)
+
+    def request_stop(self, grace: Optional[float] = None) -> None:
+        """Begin draining (first call), or cancel every stream now (later calls). Never blocks."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(
+                self._drain(self.config.grace if grace is None else grace)
+            )
+        else:
+            n = self.servicer.cancel_all()
+            log_event("stop requested again: cancelling in-flight streams now", cancelled=n)
+
+    async def drain(self, grace: Optional[float] = None) -> None:
+        """Drain and stop; returns when the server has stopped."""
+        self.request_stop(grace)
+        assert self._drain_task is not None
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self, grace: float) -> None:
+        self.servicer.start_draining()
+        self.serving = False
+        await self.health.enter_graceful_shutdown()
+        log_event("draining", grace_s=grace, in_flight=self.servicer.in_flight)
+        if not await self.servicer.wait_idle(grace):
+            n = self.servicer.cancel_all()
+            log_event("grace period over: cancelling in-flight streams", logging.WARNING, cancelled=n)
+            await self.servicer.wait_idle(_CANCEL_SETTLE_S)
+        if self._server is not None:
+            # Every stream has ended: this only closes connections (and drops any stragglers).
+            await self._server.stop(grace=1.0)
+        if self._metrics_server is not None:
+            # shutdown() waits out the HTTP server's poll interval: not on the event loop.
+            await asyncio.to_thread(self._metrics_server.close)
+        log_event("stopped")
+        assert self._stopped is not None
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        assert self._stopped is not None, "start() first"
+        await self._stopped.wait()
+
+
+def load_llama(config: ServeConfig) -> Llama:
+    """Resolve the model (catalogue name or path; may download) and load it."""
+    from .. import models
+    from ..llama import Llama
+    from ..params import LlamaParams
+
+    path = models.ensure(config.model)
+    params = LlamaParams(
+        path,
+        n_ctx=config.n_ctx,
+        n_batch=config.n_batch,
+        n_threads=config.threads,
+        n_gpu_layers=config.n_gpu_layers,
+        n_parallel=config.parallel,
+        max_queue=config.max_queue,
+    )
+    return Llama.load(params)
+
+
+async def _serve(config: ServeConfig) -> int:
+    service = Service(config)
+    try:
+        await service.start()
+    except (OSError, RuntimeError, ValueError) as e:
+        log_event("cannot start the server", logging.ERROR, error=str(e))
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    llama: Optional[Llama] = None
+    try:
+        log_event("loading model", model=config.model)
+        llama = await asyncio.to_thread(load_llama, config)
+        await service.attach(llama)
+    except (LlamaCrabError, OSError, RuntimeError, ValueError) as e:
+        log_event("model failed to load or to decode", logging.ERROR, model=config.model, error=str(e))
+        await service.drain(0.0)
+        if llama is not None:
+            llama.close()
+        return 1
+    await service.wait_stopped()
+    llama.close()
+    return 0
+
+
+def run_serve(config: ServeConfig) -> int:
+    """`llama-crab serve`: run until SIGTERM/SIGINT has drained the server; the exit status."""
+    configure_logging(config.log_level, config.log_format)
+    return asyncio.run(_serve(config))

@@ -1,0 +1,279 @@
+"""`llama-crab serve` options: the `ServeConfig` dataclass and its command line.
+
+Every option is a flag with an environment-variable twin (`--max-queue` <->
+`LLAMA_CRAB_MAX_QUEUE`); a flag given on the command line wins over the variable,
+the variable over the built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+__all__ = ["ENV_PREFIX", "OPTIONS", "ServeConfig", "add_serve_parser", "config_from_args"]
+
+ENV_PREFIX = "LLAMA_CRAB_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How to run the gRPC service. Defaults serve smollm2-135m on 127.0.0.1:50051."""
+
+    # model and engine
+    model: str = "smollm2-135m"
+    n_ctx: int = 4096
+    parallel: int = 4
+    max_queue: int = 64
+    n_batch: int = 512
+    threads: Optional[int] = None
+    n_gpu_layers: int = -1
+    # network
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_rpcs: int = 0
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    keepalive_min_ping_interval: float = 10.0
+    # security
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None
+    auth_token: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    # operations
+    grace: float = 30.0
+    metrics_port: int = 0
+    metrics_host: Optional[str] = None
+    reflection: bool = True
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def violations(self) -> list[tuple[str, str]]:
+        """(field, problem) for every invalid setting; empty when the config can run."""
+        out: list[tuple[str, str]] = []
+
+        def at_least(name: str, low: float) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                out.append((name, f"must be >= {low}"))
+
+        for name in ("n_ctx", "parallel", "n_batch"):
+            at_least(name, 1)
+        for name in ("max_queue", "max_concurrent_rpcs", "grace", "keepalive_min_ping_interval"):
+            at_least(name, 0)
+        for name in ("keepalive_time", "keepalive_timeout"):
+            at_least(name, 0.001)
+        at_least("max_message_bytes", 1024)
+        if self.threads is not None:
+            at_least("threads", 1)
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 65535:
+                out.append((name, "must be a port number in [0, 65535]"))
+        if not self.model:
+            out.append(("model", "must name a catalogue model or a .gguf file"))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            out.append(("tls_cert", "--tls-cert and --tls-key go together"))
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            out.append(("tls_client_ca", "needs --tls-cert and --tls-key (mutual TLS is TLS first)"))
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                out.append((name, f"no such file: {path!r}"))
+        if self.auth_token is not None and self.auth_token_file is not None:
+            out.append(("auth_token", "give --auth-token or --auth-token-file, not both"))
+        if self.auth_token is not None and not self.auth_token.strip():
+            out.append(("auth_token", "must not be empty"))
+        if self.log_level not in LOG_LEVELS:
+            out.append(("log_level", f"must be one of {', '.join(LOG_LEVELS)}"))
+        if self.log_format not in LOG_FORMATS:
+            out.append(("log_format", f"must be one of {', '.join(LOG_FORMATS)}"))
+        return out
+
+    def resolved_auth_token(self) -> Optional[str]:
+        """The bearer token clients must send, read from --auth-token-file if given."""
+        if self.auth_token_file is not None:
+            with open(self.auth_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+            if not token:
+                raise ValueError(f"--auth-token-file {self.auth_token_file!r} is empty")
+            return token
+        return self.auth_token
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if text.strip().lower() in ("", "auto") else int(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `serve` option: its flag, its env twin and how to parse a string into it."""
+
+    dest: str
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str
+    choices: Optional[tuple[str, ...]] = None
+    unset: str = "unset"  # what leaving it unset means, for --help
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", str, "NAME|PATH", "catalogue model name (see `llama-crab models`) or a .gguf file path"),
+    Option("host", str, "HOST", "address to listen on (0.0.0.0 or :: for every interface)"),
+    Option("port", int, "PORT", "gRPC port (0 = pick a free one; the chosen port is logged)"),
+    Option("n_ctx", int, "N", "context size in tokens, shared by all slots (each gets n_ctx / parallel)"),
+    Option("parallel", int, "N", "sequences generated at once (slots sharing one context)"),
+    Option(
+        "max_queue", int, "N", "requests that may wait for a free slot; more get RESOURCE_EXHAUSTED (0 = unbounded)"
+    ),
+    Option("n_batch", int, "N", "prompt tokens decoded per step"),
+    Option("threads", _optional_int, "N", "CPU threads for decoding and prompt processing", unset="every core"),
+    Option("n_gpu_layers", int, "N", "layers offloaded to a GPU build's device (-1 = all)"),
+    Option(
+        "grace", float, "SECONDS", "on SIGTERM/SIGINT, time in-flight streams get to finish before they are cancelled"
+    ),
+    Option("metrics_port", int, "PORT", "Prometheus /metrics HTTP port (0 = off)"),
+    Option("metrics_host", str, "HOST", "address of the metrics endpoint", unset="same as --host"),
+    Option("tls_cert", str, "FILE", "PEM server certificate (chain); enables TLS, needs --tls-key"),
+    Option("tls_key", str, "FILE", "PEM private key of --tls-cert"),
+    Option(
+        "tls_client_ca", str, "FILE", "PEM CA bundle; when given, clients must present a certificate it signed (mTLS)"
+    ),
+    Option("auth_token", str, "TOKEN", "require `authorization: Bearer TOKEN` metadata (health checks exempt)"),
+    Option("auth_token_file", str, "FILE", "like --auth-token, read from a file (keeps the token out of `ps`)"),
+    Option("keepalive_time", float, "SECONDS", "ping idle connections this often to notice dead peers"),
+    Option("keepalive_timeout", float, "SECONDS", "drop a connection whose ping is not answered in time"),
+    Option(
+        "keepalive_min_ping_interval",
+        float,
+        "SECONDS",
+        "shortest client ping interval tolerated (faster pings get GOAWAY)",
+    ),
+    Option("max_message_bytes", int, "BYTES", "largest request or response message"),
+    Option(
+        "max_concurrent_rpcs",
+        int,
+        "N",
+        "RPCs handled at once, beyond which new ones fail RESOURCE_EXHAUSTED (0 = no limit)",
+    ),
+    Option("reflection", _bool, "BOOL", "serve gRPC server reflection (true/false)"),
+    Option("log_level", str, "LEVEL", "log level", LOG_LEVELS),
+    Option("log_format", str, "FORMAT", "log line format: text, or json (one object per line)", LOG_FORMATS),
+)
+
+
+class ConfigError(ValueError):
+    """A bad option; the message names the flag and its environment variable."""
+
+
+def _describe(option: Option) -> str:
+    return f"{option.flag} ({option.env})"
+
+
+def config_from_args(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None) -> ServeConfig:
+    """Flag value, else the environment twin, else the dataclass default. Raises ConfigError."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    by_dest = {o.dest: o for o in OPTIONS}
+    for option in OPTIONS:
+        given = getattr(args, option.dest, None)
+        if given is not None:
+            values[option.dest] = given
+        elif option.env in env:
+            raw = env[option.env]
+            if option.choices is not None and raw not in option.choices:
+                raise ConfigError(f"{option.env}={raw!r}: must be one of {', '.join(option.choices)}")
+            try:
+                values[option.dest] = option.parse(raw)
+            except ValueError as e:
+                raise ConfigError(f"{option.env}={raw!r}: {e}") from None
+    config = ServeConfig(**values)
+    problems = config.violations()
+    if problems:
+        raise ConfigError("; ".join(f"{_describe(by_dest[f])}: {why}" for f, why in problems))
+    return config
+
+
+def _argparse_type(option: Option) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = option.metavar.lower()
+    return parse
+
+
+def _default_text(option: Option) -> str:
+    default = getattr(ServeConfig(), option.dest)
+    if default is None:
+        return option.unset
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import run_serve
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        args.serve_parser.error(str(e))  # exits 2
+    return run_serve(config)
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the `serve` subcommand to an argparse subparsers object."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="serve a GGUF model over gRPC",
+        description=(
+            "Serve a GGUF model over gRPC (service llama_crab.v1.LlamaCrabService, plus grpc.health.v1 health "
+            "and server reflection). Every flag has an environment variable twin, shown in brackets; "
+            "a flag wins over its variable. With no flags: smollm2-135m on 127.0.0.1:50051."
+        ),
+    )
+    for option in OPTIONS:
+        parser.add_argument(
+            option.flag,
+            dest=option.dest,
+            type=_argparse_type(option),
+            metavar=option.metavar,
+            choices=option.choices,
+            default=None,  # None = not given: fall back to the env twin, then the default
+            help=f"{option.help} [{option.env}; default: {_default_text(option)}]",
+        )
+    parser.set_defaults(func=_run, serve_parser=parser)
+    return parser

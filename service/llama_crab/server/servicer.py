@@ -1,0 +1,301 @@
+"""The LlamaCrab gRPC servicer: a thin layer over `Llama.submit` and friends.
+
+Knows nothing of llama.cpp: requests become shared types (`llama_crab_client.convert`),
+engine errors become gRPC statuses with google.rpc.BadRequest details
+(`llama_crab_client.status`), and each stream relays its handle's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+
+from grpc import aio
+
+from llama_crab_client import convert, status
+from llama_crab_client.errors import InternalError, LlamaCrabError, UnavailableError
+from llama_crab_client.types import Chunk, Completion, StopReason, completion_from_delivered
+from llama_crab_client.v1 import llama_crab_pb2 as pb
+from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
+
+from .logs import REQUEST_ID_KEY, log_event, new_request_id, request_id_var
+from .metrics import ServiceMetrics
+from .relay import EngineFailure, HandleRelay
+
+if TYPE_CHECKING:
+    from ..llama import Llama
+
+__all__ = ["SERVICE_NAME", "LlamaCrabServicer", "register_servicer"]
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LlamaCrabService"].full_name
+
+_log = logging.getLogger("llama_crab.server")
+
+Context = aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+
+
+@dataclass
+class _Call:
+    """Book-keeping of one RPC: who, since when, and how it ended."""
+
+    method: str
+    request_id: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    code: str = "OK"
+    # A submitted completion logs its own line when its handle closes.
+    streamed: bool = False
+
+
+@dataclass
+class _StreamProgress:
+    """What a Complete stream has delivered so far (the truth for logs and metrics)."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    first_chunk_at: Optional[float] = None
+    last_chunk_at: Optional[float] = None
+    # Accounting waits for both: the handle closed (final known) and the handler done
+    # (every chunk it will deliver is in `chunks`), whichever comes last.
+    handler_done: bool = False
+    handle_closed: bool = False
+    accounted: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+def _delivered(final: Completion, progress: _StreamProgress) -> Completion:
+    """The Completion of a stream cut short: exactly what reached the client."""
+    if final.stop_reason is not StopReason.CANCELLED:
+        return final  # it finished on its own before the cancel landed
+    return completion_from_delivered(final, progress.chunks)
+
+
+class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
+    """Complete (server streaming), Tokenize, Detokenize, GetModel."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+        self._llama: Optional[Llama] = None
+        self._draining = False
+        self._streams: set[HandleRelay] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- lifecycle (driven by app.Service) ------------------------------------------
+    def attach(self, llama: Llama) -> None:
+        self._llama = llama
+
+    def start_draining(self) -> None:
+        """From now on new completions get UNAVAILABLE; running ones continue."""
+        self._draining = True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no stream is in flight; False if `timeout` seconds pass first."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def cancel_all(self) -> int:
+        """Cancel every in-flight stream (each still ends with a CANCELLED Completion)."""
+        for relay in list(self._streams):
+            relay.cancel()
+        return len(self._streams)
+
+    def on_unauthenticated(self, method: str, why: str) -> None:
+        """Called by the auth interceptor for each refused call."""
+        self._metrics.count_request(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
+        log_event("unauthenticated call refused", logging.WARNING, method=method, reason=why)
+
+    # ---- per-call plumbing ----------------------------------------------------------
+    def _ready_llama(self, allow_draining: bool = True) -> Llama:
+        if self._llama is None:
+            raise UnavailableError("the model is still loading")
+        if self._draining and not allow_draining:
+            raise UnavailableError("the server is shutting down")
+        return self._llama
+
+    @contextlib.asynccontextmanager
+    async def _observe(self, method: str, context: Context) -> AsyncIterator[_Call]:
+        """Request id in and out, one status code per call, one log line, one metric."""
+        given = None
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_KEY:
+                given = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        call = _Call(method, new_request_id(given), context.peer())
+        token = request_id_var.set(call.request_id)
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+            yield call
+        except LlamaCrabError as e:
+            call.code = e.status
+            await status.abort(context, e)
+        except asyncio.CancelledError:
+            call.code = _cancel_code(context)
+            raise
+        except aio.AbortError:
+            raise  # already reported: `call.code` was set before aborting
+        except Exception as e:  # a bug or an engine failure: fail this call only
+            call.code = "INTERNAL"
+            _log.exception("%s failed", method)
+            await status.abort(context, InternalError(f"internal error: {type(e).__name__}"))
+        finally:
+            self._metrics.count_request(method, call.code)
+            if not call.streamed:
+                level = logging.DEBUG if call.code == "OK" else logging.INFO
+                log_event(
+                    "call finished",
+                    logging.WARNING if call.code == "INTERNAL" else level,
+                    method=method,
+                    code=call.code,
+                    peer=call.peer,
+                    duration_ms=round((time.monotonic() - call.started) * 1000, 3),
+                )
+            request_id_var.reset(token)
+
+    # ---- RPCs -------------------------------------------------------------------------
+    # Writes with `context.write` instead of yielding (the stub's declared shape): a
+    # cancelled call then raises right here, so the finally below always runs at once.
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> None:  # type: ignore[override]
+        async with self._observe("Complete", context) as call:
+            llama = self._ready_llama(allow_draining=False)
+            prompt, options = convert.complete_request_from_proto(request)
+            handle = llama.submit(prompt, options)
+            relay = HandleRelay(handle)
+            progress = _StreamProgress()
+            self._track(relay, call, progress)
+            try:
+                await self._relay(relay, progress, context)
+            except asyncio.CancelledError:
+                call.code = _cancel_code(context)  # known before the accounting below
+                raise
+            except LlamaCrabError as e:
+                call.code = e.status
+                raise
+            finally:
+                # Cancelled call, passed deadline, dropped connection or write failure:
+                # stop generating now; the relay closes the handle when the final arrives.
+                relay.cancel()
+                progress.handler_done = True
+                self._account(call, progress, relay)
+
+    async def _relay(self, relay: HandleRelay, progress: _StreamProgress, context: Context) -> None:
+        while True:
+            try:
+                event = await relay.next()
+            except EngineFailure as e:
+                raise InternalError(f"generation failed: {e}") from e
+            if isinstance(event, Completion):
+                if relay.cancelled:  # cancelled by drain: report what the client received
+                    event = _delivered(event, progress)
+                await context.write(convert.completion_response_to_proto(event))
+                return
+            now = time.monotonic()
+            if progress.first_chunk_at is None:
+                progress.first_chunk_at = now
+            elif progress.last_chunk_at is not None and event.token_ids:
+                gap = (now - progress.last_chunk_at) / len(event.token_ids)
+                for _ in event.token_ids:
+                    self._metrics.token_latency.observe(gap)
+            progress.last_chunk_at = now
+            progress.chunks.append(event)
+            await context.write(convert.chunk_response_to_proto(event))
+
+    def _track(self, relay: HandleRelay, call: _Call, progress: _StreamProgress) -> None:
+        call.streamed = True
+        self._streams.add(relay)
+        self._idle.clear()
+
+        def closed(final: Optional[Completion], error: Optional[BaseException]) -> None:
+            self._streams.discard(relay)
+            if not self._streams:
+                self._idle.set()
+            progress.handle_closed = True
+            self._account(call, progress, relay)
+
+        relay.add_close_callback(closed)
+
+    def _account(self, call: _Call, progress: _StreamProgress, relay: HandleRelay) -> None:
+        """Metrics and the log line of a finished completion (normal, cancelled or failed)."""
+        if progress.accounted or not (progress.handler_done and progress.handle_closed):
+            return
+        progress.accounted = True
+        final, error = relay.final, relay.error
+        m = self._metrics
+        if progress.first_chunk_at is not None:
+            m.ttft.observe(progress.first_chunk_at - call.started)
+        m.completion_tokens.inc(progress.n_tokens)
+        fields: dict[str, Any] = {
+            "method": call.method,
+            "peer": call.peer,
+            "completion_tokens": progress.n_tokens,
+            "duration_ms": round((time.monotonic() - call.started) * 1000, 3),
+        }
+        if final is not None:
+            if relay.cancelled:
+                final = _delivered(final, progress)
+            m.prompt_tokens.inc(final.usage.prompt_tokens)
+            m.completions.labels(stop_reason=final.stop_reason.value).inc()
+            fields.update(
+                stop_reason=final.stop_reason.value,
+                prompt_tokens=final.usage.prompt_tokens,
+                cached_tokens=final.usage.cached_tokens,
+                queue_ms=round(final.timings.queue_ms, 3),
+                ttft_ms=round(final.timings.time_to_first_token_ms, 3),
+            )
+        if error is not None:
+            fields["error"] = str(error)
+        fields["code"] = call.code
+        level = logging.WARNING if error is not None else logging.INFO
+        log_event("completion finished", level, **fields)
+
+    async def _unary(self, method: str, context: Context, answer: Callable[[Llama], T]) -> T:
+        """Run a quick unary RPC: `answer(llama)` builds the response (or raises)."""
+        async with self._observe(method, context):
+            return answer(self._ready_llama())
+        raise AssertionError("unreachable: _observe turns every error into an abort")
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        def answer(llama: Llama) -> pb.TokenizeResponse:
+            text, add_special, parse_special = convert.tokenize_request_from_proto(request)
+            return convert.tokenize_response_to_proto(llama.tokenize(text, add_special, parse_special))
+
+        return await self._unary("Tokenize", context, answer)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context: Context) -> pb.DetokenizeResponse:
+        def answer(llama: Llama) -> pb.DetokenizeResponse:
+            return convert.detokenize_response_to_proto(
+                llama.detokenize(convert.detokenize_request_from_proto(request))
+            )
+
+        return await self._unary("Detokenize", context, answer)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
+        return await self._unary("GetModel", context, lambda llama: convert.model_info_to_proto(llama.model_info()))
+
+
+def _cancel_code(context: Context) -> str:
+    """Why a call's task was cancelled: its deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
+
+def register_servicer(servicer: LlamaCrabServicer, server: aio.Server) -> None:
+    pb_grpc.add_LlamaCrabServiceServicer_to_server(servicer, server)
