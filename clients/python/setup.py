@@ -14,6 +14,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
 PROTO_ROOTS = [HERE.parent.parent / "protos", HERE / "protos"]  # repo checkout, then sdist copy
@@ -63,10 +64,50 @@ def generate() -> None:
     (OUT / "__init__.py").write_text('"""Generated from protos/llama_crab/v1 at build time; do not edit."""\n')
 
 
+def ensure_package_dir() -> None:
+    """setuptools checks that every listed package directory exists (egg_info runs before
+    build_py), and in a clean checkout the generated one does not yet."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    init = OUT / "__init__.py"
+    if not init.exists():
+        init.write_text('"""Generated from protos/llama_crab/v1 at build time; do not edit."""\n')
+
+
 class BuildPyWithProtos(build_py):
     def run(self) -> None:
         generate()
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+class SdistWithProtos(sdist):
+    """Ship the contract inside the sdist: ../../protos is outside this project's tree."""
+
+    def make_release_tree(self, base_dir: str, files: list[str]) -> None:
+        super().make_release_tree(base_dir, files)
+        root = next((r for r in PROTO_ROOTS if (r / "llama_crab" / "v1").is_dir()), None)
+        if root is None:
+            raise RuntimeError("protos/llama_crab/v1 not found next to the client")
+        target = Path(base_dir) / "protos"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(root, target, ignore=shutil.ignore_patterns("buf.*"))
+
+
+def runtime_requirements() -> list[str]:
+    """Runtime floors matching the generator in this build environment: generated modules
+    refuse to import on an older protobuf runtime or grpcio than the ones that wrote them."""
+    from importlib.metadata import version
+
+    generated = OUT / "llama_crab_pb2.py"
+    if not generated.exists():  # metadata is prepared before build_py runs
+        generate()
+    m = re.search(r"^# Protobuf Python Version: (\S+)$", generated.read_text(), flags=re.M)
+    gencode = m.group(1) if m else version("protobuf")
+    tools = version("grpcio-tools")
+    return [f"grpcio>={tools}", f"grpcio-status>={tools}", f"protobuf>={gencode}"]
+
+
+ensure_package_dir()
+setup(
+    cmdclass={"build_py": BuildPyWithProtos, "sdist": SdistWithProtos},
+    install_requires=runtime_requirements(),
+)

@@ -81,7 +81,7 @@ def options_to_proto(o: CompletionOptions) -> pb.CompletionOptions:
 def options_from_proto(m: pb.CompletionOptions) -> CompletionOptions:
     d = _DEFAULTS
     return CompletionOptions(
-        max_tokens=m.max_tokens if m.max_tokens != 0 else d.max_tokens,
+        max_tokens=m.max_tokens if m.HasField("max_tokens") else d.max_tokens,
         stop_sequences=tuple(m.stop_sequences),
         logprobs=m.logprobs if m.HasField("logprobs") else None,
         temperature=m.temperature if m.HasField("temperature") else d.temperature,

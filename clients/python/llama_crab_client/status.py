@@ -26,7 +26,7 @@ from .errors import (
 )
 from .types import FieldViolation
 
-__all__ = ["abort", "from_rpc_error", "to_status"]
+__all__ = ["abort", "exception_to_status", "from_rpc_error", "rpc_error_to_exception", "to_status"]
 
 _BY_STATUS: dict[grpc.StatusCode, type[LlamaCrabError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -85,3 +85,9 @@ def from_rpc_error(error: grpc.RpcError) -> LlamaCrabError:
     if cls is None:
         return LlamaCrabError(f"{code.name}: {message}", _violations(error))
     return cls(message, _violations(error))
+
+
+# Descriptive aliases: the server side reads `exception_to_status`, the client side
+# `rpc_error_to_exception`; both are the one mapping above.
+exception_to_status = to_status
+rpc_error_to_exception = from_rpc_error

@@ -1,0 +1,272 @@
+"""The asyncio remote client (grpc.aio), mirroring `Client` with `await`/`async for`.
+
+    async with AsyncClient("localhost:50051") as client:
+        async with client.stream("Once upon a time", CompletionOptions(32)) as stream:
+            async for chunk in stream:
+                print(chunk.text, end="", flush=True)
+        print(stream.completion)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Awaitable, Sequence
+from types import TracebackType
+from typing import Any, Callable, Optional, Union
+
+import grpc
+
+from . import convert
+from .calls import Prompt, complete_call, detokenize_request, tokenize_request
+from .channel import ChannelSettings, PemSource, read_pem
+from .client import StreamClock
+from .errors import InternalError
+from .status import from_rpc_error
+from .types import (
+    Chunk,
+    Completion,
+    CompletionOptions,
+    ModelInfo,
+    StreamControl,
+    completion_from_delivered,
+)
+from .v1 import llama_crab_pb2 as pb
+from .v1 import llama_crab_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncClient", "AsyncCompletionCallback", "AsyncRemoteCompletionStream"]
+
+# A callback may be a plain function or a coroutine function.
+AsyncCompletionCallback = Callable[
+    [Chunk], Union[Optional[StreamControl], Awaitable[Optional[StreamControl]]]
+]
+
+
+class AsyncRemoteCompletionStream:
+    """`async for` the chunks; `completion` holds the result once iteration ends.
+
+    Leaving early (break inside `async with`, `await close()`, an exception) cancels the
+    RPC; `completion` then holds what was delivered (CANCELLED).
+    """
+
+    def __init__(self, call: Any, logprobs_requested: bool, prompt_tokens: int) -> None:
+        self._call = call  # grpc.aio.UnaryStreamCall
+        self._logprobs = logprobs_requested
+        self._prompt_tokens = prompt_tokens
+        self._delivered: list[Chunk] = []
+        self._clock = StreamClock()
+        self._finished = False
+        self.completion: Optional[Completion] = None
+
+    def __aiter__(self) -> AsyncRemoteCompletionStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as e:
+            self._finished = True
+            raise from_rpc_error(e) from None
+        if message is grpc.aio.EOF:
+            self._finished = True
+            raise InternalError("the server ended the stream without a final Completion")
+        event = convert.complete_response_from_proto(message, self._logprobs)
+        if isinstance(event, Completion):
+            self._finished = True
+            self.completion = event
+            raise StopAsyncIteration
+        self._clock.chunk()
+        self._delivered.append(event)
+        return event
+
+    async def close(self) -> Completion:
+        """Stop now (if not finished) and return the Completion of what was delivered."""
+        if self.completion is None:
+            self._finished = True
+            self._call.cancel()
+            self.completion = completion_from_delivered(
+                None,
+                self._delivered,
+                prompt_tokens=self._prompt_tokens,
+                timings=self._clock.timings(),
+                logprobs_requested=self._logprobs,
+            )
+        return self.completion
+
+    async def __aenter__(self) -> AsyncRemoteCompletionStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_finished", True):
+            try:
+                self._call.cancel()
+            except Exception:  # loop already closed: the channel's close cancels it
+                pass
+
+
+class AsyncClient:
+    """A llama-crab server over grpc.aio; the same options as `Client`."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        tls: bool = False,
+        root_certificates: Optional[PemSource] = None,
+        certificate_chain: Optional[PemSource] = None,
+        private_key: Optional[PemSource] = None,
+        server_name: Optional[str] = None,
+        token: Optional[str] = None,
+        timeout: Optional[float] = None,
+        keepalive_time: Optional[float] = None,
+        keepalive_timeout: float = 20.0,
+        retry_unavailable: bool = True,
+        load_balancing: Optional[str] = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.settings = ChannelSettings(
+            target=target,
+            tls=tls,
+            root_certificates=read_pem(root_certificates),
+            certificate_chain=read_pem(certificate_chain),
+            private_key=read_pem(private_key),
+            server_name=server_name,
+            token=token,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            retry_unavailable=retry_unavailable,
+            load_balancing=load_balancing,
+            extra_options=tuple(channel_options),
+        )
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds (or None for no deadline)")
+        self.timeout = timeout
+        self._channel = self.settings.aio_channel()
+        self._stub = pb_grpc.LlamaCrabServiceStub(self._channel)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> AsyncClient:
+        """A client for $LLAMA_CRAB_SERVER (default localhost:50051) with $LLAMA_CRAB_TOKEN."""
+        kwargs: dict[str, Any] = {"token": os.environ.get("LLAMA_CRAB_TOKEN") or None, **overrides}
+        return cls(os.environ.get("LLAMA_CRAB_SERVER", "localhost:50051"), **kwargs)
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- calls ----------------------------------------------------------------------
+    def _call_kwargs(self, timeout: Optional[float], request_id: Optional[str]) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self.settings.metadata(request_id),
+        }
+
+    def stream(
+        self,
+        prompt: Prompt,
+        options: Optional[CompletionOptions] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> AsyncRemoteCompletionStream:
+        """`async for chunk in client.stream(...)` (inside `async with` to cancel on leaving)."""
+        call = complete_call(prompt, options)
+        rpc = self._stub.Complete(call.request, **self._call_kwargs(timeout, request_id))
+        return AsyncRemoteCompletionStream(rpc, call.logprobs_requested, call.prompt_tokens)
+
+    async def create_completion_stream(
+        self,
+        prompt: Prompt,
+        options: Optional[CompletionOptions],
+        callback: AsyncCompletionCallback,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> Completion:
+        """Stream chunks to `callback` (plain or async) and return the final Completion.
+
+        STOP cancels the RPC and the Completion holds exactly the delivered chunks; an
+        exception from the callback cancels and propagates.
+        """
+        stream = self.stream(prompt, options, timeout=timeout, request_id=request_id)
+        try:
+            async for chunk in stream:
+                control = callback(chunk)
+                if inspect.isawaitable(control):
+                    control = await control
+                if control is StreamControl.STOP:
+                    return await stream.close()
+        except BaseException:
+            await stream.close()
+            raise
+        assert stream.completion is not None
+        return stream.completion
+
+    async def create_completion(
+        self,
+        prompt: Prompt,
+        options: Optional[CompletionOptions] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> Completion:
+        """Generate to the end and return the Completion."""
+        async with self.stream(prompt, options, timeout=timeout, request_id=request_id) as stream:
+            async for _ in stream:
+                pass
+            assert stream.completion is not None
+            return stream.completion
+
+    async def _unary(self, method: Any, request: Any, timeout: Optional[float], request_id: Optional[str]) -> Any:
+        try:
+            return await method(request, **self._call_kwargs(timeout, request_id))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def tokenize(
+        self,
+        text: str,
+        add_special: bool = True,
+        parse_special: bool = True,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> list[int]:
+        reply: pb.TokenizeResponse = await self._unary(
+            self._stub.Tokenize, tokenize_request(text, add_special, parse_special), timeout, request_id
+        )
+        return list(reply.tokens)
+
+    async def detokenize(
+        self, tokens: Sequence[int], *, timeout: Optional[float] = None, request_id: Optional[str] = None
+    ) -> str:
+        reply: pb.DetokenizeResponse = await self._unary(
+            self._stub.Detokenize, detokenize_request(tokens), timeout, request_id
+        )
+        return reply.text
+
+    async def model_info(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
+        reply: pb.GetModelResponse = await self._unary(
+            self._stub.GetModel, pb.GetModelRequest(), timeout, request_id
+        )
+        return convert.model_info_from_proto(reply)
+
+    async def model(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
+        """Alias of `model_info()`."""
+        return await self.model_info(timeout=timeout, request_id=request_id)

@@ -1,0 +1,76 @@
+"""Checked request building shared by the sync and asyncio clients.
+
+Options are validated here with the same rules the engine applies
+(`CompletionOptions.violations`), so a bad option fails before any network round trip
+with the same `InvalidArgumentError` and field as in process. What needs the model
+(vocabulary range, grammar syntax, prompt length) is checked by the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from . import convert
+from .errors import InvalidArgumentError
+from .types import CompletionOptions
+from .v1 import llama_crab_pb2 as pb
+
+__all__ = ["CompleteCall", "complete_call", "detokenize_request", "tokenize_request"]
+
+Prompt = Union[str, Sequence[int]]
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class CompleteCall:
+    """A validated Complete request and what the client needs to interpret its stream."""
+
+    request: pb.CompleteRequest
+    logprobs_requested: bool
+    # Prompt length when known without the model (token prompts); else 0.
+    prompt_tokens: int
+
+
+def _check_token_ids(tokens: Sequence[int], field: str) -> list[int]:
+    if isinstance(tokens, (str, bytes)):
+        raise InvalidArgumentError.for_field(field, "must be a list of token ids")
+    out: list[int] = []
+    for t in tokens:
+        if not isinstance(t, int) or isinstance(t, bool) or not _INT32[0] <= t <= _INT32[1]:
+            raise InvalidArgumentError.for_field(field, f"token id {t!r} is not in the vocabulary")
+        out.append(t)
+    return out
+
+
+def complete_call(prompt: Prompt, options: Optional[CompletionOptions]) -> CompleteCall:
+    options = CompletionOptions() if options is None else options
+    if not isinstance(options, CompletionOptions):
+        raise TypeError(f"options must be a CompletionOptions, not {type(options).__name__}")
+    problems = options.violations()
+    if problems:
+        raise InvalidArgumentError.from_violations(problems)
+    if isinstance(prompt, str):
+        if prompt == "":
+            raise InvalidArgumentError.for_field("prompt", "must not be empty")
+        request = convert.complete_request_to_proto(prompt, options)
+        n_prompt = 0
+    else:
+        ids = _check_token_ids(prompt, "prompt")
+        if not ids:
+            raise InvalidArgumentError.for_field("prompt", "must not be empty")
+        request = convert.complete_request_to_proto(ids, options)
+        n_prompt = len(ids)
+    return CompleteCall(request, options.logprobs is not None, n_prompt)
+
+
+def tokenize_request(text: str, add_special: bool, parse_special: bool) -> pb.TokenizeRequest:
+    if not isinstance(text, str):
+        raise InvalidArgumentError.for_field("text", "must be a string")
+    return convert.tokenize_request_to_proto(text, bool(add_special), bool(parse_special))
+
+
+def detokenize_request(tokens: Sequence[int]) -> pb.DetokenizeRequest:
+    return pb.DetokenizeRequest(tokens=_check_token_ids(tokens, "tokens"))

@@ -1,0 +1,294 @@
+"""The synchronous remote client: the in-process `Llama` API over gRPC.
+
+    with Client("localhost:50051") as client:
+        for chunk in client.stream("Once upon a time", CompletionOptions(32)):
+            print(chunk.text, end="", flush=True)
+
+Leaving a stream early (break, `close()`, an exception, STOP from a callback) cancels
+the RPC, and the Completion then holds exactly the chunks delivered, with stop reason
+CANCELLED, as in process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, Optional
+
+import grpc
+
+from . import convert
+from .calls import Prompt, complete_call, detokenize_request, tokenize_request
+from .channel import ChannelSettings, PemSource, read_pem
+from .errors import InternalError
+from .status import from_rpc_error
+from .types import (
+    Chunk,
+    Completion,
+    CompletionCallback,
+    CompletionOptions,
+    ModelInfo,
+    StreamControl,
+    Timings,
+    completion_from_delivered,
+)
+from .v1 import llama_crab_pb2 as pb
+from .v1 import llama_crab_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "RemoteCompletionStream"]
+
+
+def _elapsed_ms(since: float) -> float:
+    return (time.monotonic() - since) * 1000.0
+
+
+class StreamClock:
+    """Client-side timings for a stream the client cut short (the server's never arrive)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first_chunk_ms: Optional[float] = None
+
+    def chunk(self) -> None:
+        if self.first_chunk_ms is None:
+            self.first_chunk_ms = _elapsed_ms(self.started)
+
+    def timings(self) -> Timings:
+        return Timings(time_to_first_token_ms=self.first_chunk_ms or 0.0, total_ms=_elapsed_ms(self.started))
+
+
+class RemoteCompletionStream:
+    """Iterate chunks of a remote completion; `completion` holds the result once iteration ends.
+
+    Leaving the loop early (break, exception, `close()`, the stream being dropped)
+    cancels the RPC; `completion` then holds what was delivered (CANCELLED).
+    """
+
+    def __init__(self, call: Any, logprobs_requested: bool, prompt_tokens: int) -> None:
+        self._call = call  # grpc's stream call: an iterator of responses with cancel()
+        self._logprobs = logprobs_requested
+        self._prompt_tokens = prompt_tokens
+        self._delivered: list[Chunk] = []
+        self._clock = StreamClock()
+        self._finished = False
+        self.completion: Optional[Completion] = None
+
+    def __iter__(self) -> RemoteCompletionStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._finished:
+            raise StopIteration
+        try:
+            message = next(self._call)
+        except StopIteration:
+            self._finished = True
+            raise InternalError("the server ended the stream without a final Completion") from None
+        except grpc.RpcError as e:
+            self._finished = True
+            raise from_rpc_error(e) from None
+        event = convert.complete_response_from_proto(message, self._logprobs)
+        if isinstance(event, Completion):
+            self._finished = True
+            self.completion = event
+            raise StopIteration
+        self._clock.chunk()
+        self._delivered.append(event)
+        return event
+
+    def close(self) -> Completion:
+        """Stop now (if not finished) and return the Completion of what was delivered."""
+        if self.completion is None:
+            self._finished = True
+            self._call.cancel()
+            self.completion = completion_from_delivered(
+                None,
+                self._delivered,
+                prompt_tokens=self._prompt_tokens,
+                timings=self._clock.timings(),
+                logprobs_requested=self._logprobs,
+            )
+        return self.completion
+
+    def __enter__(self) -> RemoteCompletionStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_finished", True):
+            try:
+                self._call.cancel()
+            except Exception:  # interpreter shutdown: nothing useful to do
+                pass
+
+
+class Client:
+    """A llama-crab server, used like the in-process `Llama`.
+
+    `target` is `host:port` or any gRPC target (`dns:///svc:50051`, `ipv4:10.0.0.1:1,10.0.0.2:1`;
+    several servers get round_robin load balancing). TLS: `tls=True` (system roots) or
+    `root_certificates`; mutual TLS: also `certificate_chain` and `private_key` (PEM bytes,
+    PEM text or file paths). `token` is sent as a bearer token. `timeout` is the default
+    per-call deadline in seconds (None: none). UNAVAILABLE is retried (with backoff) unless
+    `retry_unavailable=False`. `keepalive_time` (seconds) turns on HTTP/2 keepalive pings.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        tls: bool = False,
+        root_certificates: Optional[PemSource] = None,
+        certificate_chain: Optional[PemSource] = None,
+        private_key: Optional[PemSource] = None,
+        server_name: Optional[str] = None,
+        token: Optional[str] = None,
+        timeout: Optional[float] = None,
+        keepalive_time: Optional[float] = None,
+        keepalive_timeout: float = 20.0,
+        retry_unavailable: bool = True,
+        load_balancing: Optional[str] = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.settings = ChannelSettings(
+            target=target,
+            tls=tls,
+            root_certificates=read_pem(root_certificates),
+            certificate_chain=read_pem(certificate_chain),
+            private_key=read_pem(private_key),
+            server_name=server_name,
+            token=token,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            retry_unavailable=retry_unavailable,
+            load_balancing=load_balancing,
+            extra_options=tuple(channel_options),
+        )
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds (or None for no deadline)")
+        self.timeout = timeout
+        self._channel = self.settings.sync_channel()
+        self._stub = pb_grpc.LlamaCrabServiceStub(self._channel)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Client:
+        """A client for $LLAMA_CRAB_SERVER (default localhost:50051) with $LLAMA_CRAB_TOKEN."""
+        kwargs: dict[str, Any] = {"token": os.environ.get("LLAMA_CRAB_TOKEN") or None, **overrides}
+        return cls(os.environ.get("LLAMA_CRAB_SERVER", "localhost:50051"), **kwargs)
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- calls ----------------------------------------------------------------------
+    def _call_kwargs(self, timeout: Optional[float], request_id: Optional[str]) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self.settings.metadata(request_id),
+        }
+
+    def stream(
+        self,
+        prompt: Prompt,
+        options: Optional[CompletionOptions] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> RemoteCompletionStream:
+        """Iterate chunks: `for chunk in client.stream(...)`; leaving the loop is STOP."""
+        call = complete_call(prompt, options)
+        rpc = self._stub.Complete(call.request, **self._call_kwargs(timeout, request_id))
+        return RemoteCompletionStream(rpc, call.logprobs_requested, call.prompt_tokens)
+
+    def create_completion_stream(
+        self,
+        prompt: Prompt,
+        options: Optional[CompletionOptions],
+        callback: CompletionCallback,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> Completion:
+        """Stream chunks to `callback` and return the final Completion.
+
+        `callback` returns StreamControl.CONTINUE (or None) or StreamControl.STOP; after
+        STOP the RPC is cancelled and the Completion holds exactly the delivered chunks
+        (CANCELLED). An exception from the callback cancels the RPC and propagates.
+        """
+        stream = self.stream(prompt, options, timeout=timeout, request_id=request_id)
+        try:
+            for chunk in stream:
+                if callback(chunk) is StreamControl.STOP:
+                    return stream.close()
+        except BaseException:
+            stream.close()
+            raise
+        assert stream.completion is not None
+        return stream.completion
+
+    def create_completion(
+        self,
+        prompt: Prompt,
+        options: Optional[CompletionOptions] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> Completion:
+        """Generate to the end and return the Completion."""
+        with self.stream(prompt, options, timeout=timeout, request_id=request_id) as stream:
+            for _ in stream:
+                pass
+            assert stream.completion is not None
+            return stream.completion
+
+    def _unary(self, method: Any, request: Any, timeout: Optional[float], request_id: Optional[str]) -> Any:
+        try:
+            return method(request, **self._call_kwargs(timeout, request_id))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def tokenize(
+        self,
+        text: str,
+        add_special: bool = True,
+        parse_special: bool = True,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> list[int]:
+        """Tokens of `text`; `add_special` adds BOS/EOS as the model's metadata asks."""
+        reply: pb.TokenizeResponse = self._unary(
+            self._stub.Tokenize, tokenize_request(text, add_special, parse_special), timeout, request_id
+        )
+        return list(reply.tokens)
+
+    def detokenize(
+        self, tokens: Sequence[int], *, timeout: Optional[float] = None, request_id: Optional[str] = None
+    ) -> str:
+        reply: pb.DetokenizeResponse = self._unary(
+            self._stub.Detokenize, detokenize_request(tokens), timeout, request_id
+        )
+        return reply.text
+
+    def model_info(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
+        reply: pb.GetModelResponse = self._unary(self._stub.GetModel, pb.GetModelRequest(), timeout, request_id)
+        return convert.model_info_from_proto(reply)
+
+    def model(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
+        """Alias of `model_info()`."""
+        return self.model_info(timeout=timeout, request_id=request_id)
