@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Awaitable, Sequence
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
@@ -19,7 +18,7 @@ import grpc
 
 from . import convert
 from .calls import Prompt, complete_call, detokenize_request, tokenize_request
-from .channel import ChannelSettings, PemSource, read_pem
+from .channel import ClientBase
 from .client import StreamClock
 from .errors import InternalError
 from .status import from_rpc_error
@@ -114,51 +113,12 @@ class AsyncRemoteCompletionStream:
                 pass
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """A llama-crab server over grpc.aio; the same options as `Client`."""
 
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        tls: bool = False,
-        root_certificates: Optional[PemSource] = None,
-        certificate_chain: Optional[PemSource] = None,
-        private_key: Optional[PemSource] = None,
-        server_name: Optional[str] = None,
-        token: Optional[str] = None,
-        timeout: Optional[float] = None,
-        keepalive_time: Optional[float] = None,
-        keepalive_timeout: float = 20.0,
-        retry_unavailable: bool = True,
-        load_balancing: Optional[str] = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.settings = ChannelSettings(
-            target=target,
-            tls=tls,
-            root_certificates=read_pem(root_certificates),
-            certificate_chain=read_pem(certificate_chain),
-            private_key=read_pem(private_key),
-            server_name=server_name,
-            token=token,
-            keepalive_time=keepalive_time,
-            keepalive_timeout=keepalive_timeout,
-            retry_unavailable=retry_unavailable,
-            load_balancing=load_balancing,
-            extra_options=tuple(channel_options),
-        )
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be > 0 seconds (or None for no deadline)")
-        self.timeout = timeout
+    def _connect(self) -> None:
         self._channel = self.settings.aio_channel()
         self._stub = pb_grpc.LlamaCrabServiceStub(self._channel)
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> AsyncClient:
-        """A client for $LLAMA_CRAB_SERVER (default localhost:50051) with $LLAMA_CRAB_TOKEN."""
-        kwargs: dict[str, Any] = {"token": os.environ.get("LLAMA_CRAB_TOKEN") or None, **overrides}
-        return cls(os.environ.get("LLAMA_CRAB_SERVER", "localhost:50051"), **kwargs)
 
     # ---- lifecycle ------------------------------------------------------------------
     async def close(self) -> None:
@@ -171,12 +131,6 @@ class AsyncClient:
         await self.close()
 
     # ---- calls ----------------------------------------------------------------------
-    def _call_kwargs(self, timeout: Optional[float], request_id: Optional[str]) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self.settings.metadata(request_id),
-        }
-
     def stream(
         self,
         prompt: Prompt,

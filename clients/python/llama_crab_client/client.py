@@ -11,7 +11,6 @@ CANCELLED, as in process.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -21,7 +20,7 @@ import grpc
 
 from . import convert
 from .calls import Prompt, complete_call, detokenize_request, tokenize_request
-from .channel import ChannelSettings, PemSource, read_pem
+from .channel import ClientBase
 from .errors import InternalError
 from .status import from_rpc_error
 from .types import (
@@ -131,59 +130,12 @@ class RemoteCompletionStream:
                 pass
 
 
-class Client:
-    """A llama-crab server, used like the in-process `Llama`.
+class Client(ClientBase):
+    """A llama-crab server, used like the in-process `Llama` (connection options: `ClientBase`)."""
 
-    `target` is `host:port` or any gRPC target (`dns:///svc:50051`, `ipv4:10.0.0.1:1,10.0.0.2:1`;
-    several servers get round_robin load balancing). TLS: `tls=True` (system roots) or
-    `root_certificates`; mutual TLS: also `certificate_chain` and `private_key` (PEM bytes,
-    PEM text or file paths). `token` is sent as a bearer token. `timeout` is the default
-    per-call deadline in seconds (None: none). UNAVAILABLE is retried (with backoff) unless
-    `retry_unavailable=False`. `keepalive_time` (seconds) turns on HTTP/2 keepalive pings.
-    """
-
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        tls: bool = False,
-        root_certificates: Optional[PemSource] = None,
-        certificate_chain: Optional[PemSource] = None,
-        private_key: Optional[PemSource] = None,
-        server_name: Optional[str] = None,
-        token: Optional[str] = None,
-        timeout: Optional[float] = None,
-        keepalive_time: Optional[float] = None,
-        keepalive_timeout: float = 20.0,
-        retry_unavailable: bool = True,
-        load_balancing: Optional[str] = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.settings = ChannelSettings(
-            target=target,
-            tls=tls,
-            root_certificates=read_pem(root_certificates),
-            certificate_chain=read_pem(certificate_chain),
-            private_key=read_pem(private_key),
-            server_name=server_name,
-            token=token,
-            keepalive_time=keepalive_time,
-            keepalive_timeout=keepalive_timeout,
-            retry_unavailable=retry_unavailable,
-            load_balancing=load_balancing,
-            extra_options=tuple(channel_options),
-        )
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be > 0 seconds (or None for no deadline)")
-        self.timeout = timeout
+    def _connect(self) -> None:
         self._channel = self.settings.sync_channel()
         self._stub = pb_grpc.LlamaCrabServiceStub(self._channel)
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> Client:
-        """A client for $LLAMA_CRAB_SERVER (default localhost:50051) with $LLAMA_CRAB_TOKEN."""
-        kwargs: dict[str, Any] = {"token": os.environ.get("LLAMA_CRAB_TOKEN") or None, **overrides}
-        return cls(os.environ.get("LLAMA_CRAB_SERVER", "localhost:50051"), **kwargs)
 
     # ---- lifecycle ------------------------------------------------------------------
     def close(self) -> None:
@@ -196,12 +148,6 @@ class Client:
         self.close()
 
     # ---- calls ----------------------------------------------------------------------
-    def _call_kwargs(self, timeout: Optional[float], request_id: Optional[str]) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self.settings.metadata(request_id),
-        }
-
     def stream(
         self,
         prompt: Prompt,
