@@ -115,6 +115,7 @@ NB_MODULE(_engine, m) {
 
     nb::class_<Request>(m, "Request")
         .def_ro("id", &Request::id)
+        .def_prop_ro("prompt_tokens", [](const Request & r) { return r.prompt.size(); })
         .def("poll", &Request::poll, "Events ready now (non-blocking).")
         .def("wait", &Request::wait, "timeout_s"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Block until an event is ready or timeout_s passes (< 0: no timeout).")

@@ -213,6 +213,8 @@ def test_stop_after_k_chunks_returns_exactly_those_chunks(backend: Backend, k: i
     assert completion.text == "".join(c.text for c in delivered)
     assert completion.token_ids == tuple(t for c in delivered for t in c.token_ids)
     assert completion.usage.completion_tokens == len(completion.token_ids)
+    # The prompt's length is known even though the server's final message never came.
+    assert completion.usage.prompt_tokens == 4  # "Once upon a time" in smollm2's tokenizer
     assert completion.logprobs == tuple(lp for c in delivered for lp in (c.logprobs or ()))
     # Still usable afterwards.
     assert backend.create_completion("Hello", CompletionOptions(4)).usage.completion_tokens > 0
@@ -257,6 +259,7 @@ def test_async_stream_break_is_stop(remote_aio_backend: AsyncClientBackend) -> N
     delivered, completion = remote_aio_backend._loop.run(run())
     assert completion is not None and completion.stop_reason is StopReason.CANCELLED
     assert completion.text == "".join(c.text for c in delivered)
+    assert completion.usage.prompt_tokens == 4
 
 
 # ---- logprobs -----------------------------------------------------------------------------

@@ -118,6 +118,11 @@ class CompletionHandle:
     def id(self) -> int:
         return int(self._native.id)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Length of the prompt in tokens, known as soon as the request is submitted."""
+        return int(self._native.prompt_tokens)
+
     def fileno(self) -> int:
         return int(self._native.fileno())
 

@@ -71,6 +71,8 @@ class AsyncRemoteCompletionStream:
         if message is grpc.aio.EOF:
             self._finished = True
             raise InternalError("the server ended the stream without a final Completion")
+        if message.WhichOneof("response") == "chunk" and message.chunk.prompt_tokens:
+            self._prompt_tokens = message.chunk.prompt_tokens  # sent on the first chunk
         event = convert.complete_response_from_proto(message, self._logprobs)
         if isinstance(event, Completion):
             self._finished = True

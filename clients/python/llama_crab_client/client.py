@@ -88,6 +88,8 @@ class RemoteCompletionStream:
         except grpc.RpcError as e:
             self._finished = True
             raise from_rpc_error(e) from None
+        if message.WhichOneof("response") == "chunk" and message.chunk.prompt_tokens:
+            self._prompt_tokens = message.chunk.prompt_tokens  # sent on the first chunk
         event = convert.complete_response_from_proto(message, self._logprobs)
         if isinstance(event, Completion):
             self._finished = True

@@ -157,10 +157,15 @@ def _logprobs_from_proto(lps: Iterable[pb.TokenLogprob]) -> tuple[TokenLogprob, 
     )
 
 
-def chunk_response_to_proto(c: Chunk) -> pb.CompleteResponse:
+def chunk_response_to_proto(c: Chunk, prompt_tokens: int = 0) -> pb.CompleteResponse:
+    """`prompt_tokens`: set it on a stream's first chunk (0 leaves the field unset)."""
     return pb.CompleteResponse(
         chunk=pb.Chunk(
-            text=c.text, token_ids=list(c.token_ids), n_tokens=c.n_tokens, logprobs=_logprobs_to_proto(c.logprobs)
+            text=c.text,
+            token_ids=list(c.token_ids),
+            n_tokens=c.n_tokens,
+            logprobs=_logprobs_to_proto(c.logprobs),
+            prompt_tokens=prompt_tokens,
         )
     )
 

@@ -57,6 +57,7 @@ class _Call:
 class _StreamProgress:
     """What a Complete stream has delivered so far (the truth for logs and metrics)."""
 
+    prompt_tokens: int = 0
     chunks: list[Chunk] = field(default_factory=list)
     first_chunk_at: Optional[float] = None
     last_chunk_at: Optional[float] = None
@@ -177,7 +178,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
             prompt, options = convert.complete_request_from_proto(request)
             handle = llama.submit(prompt, options)
             relay = HandleRelay(handle)
-            progress = _StreamProgress()
+            progress = _StreamProgress(prompt_tokens=handle.prompt_tokens)
             self._track(relay, call, progress)
             try:
                 await self._relay(relay, progress, context)
@@ -206,7 +207,8 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
                 await context.write(convert.completion_response_to_proto(event))
                 return
             now = time.monotonic()
-            if progress.first_chunk_at is None:
+            first = progress.first_chunk_at is None
+            if first:
                 progress.first_chunk_at = now
             elif progress.last_chunk_at is not None and event.token_ids:
                 gap = (now - progress.last_chunk_at) / len(event.token_ids)
@@ -214,7 +216,8 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
                     self._metrics.token_latency.observe(gap)
             progress.last_chunk_at = now
             progress.chunks.append(event)
-            await context.write(convert.chunk_response_to_proto(event))
+            # The first chunk carries the prompt length, for clients that stop early.
+            await context.write(convert.chunk_response_to_proto(event, progress.prompt_tokens if first else 0))
 
     def _track(self, relay: HandleRelay, call: _Call, progress: _StreamProgress) -> None:
         call.streamed = True
