@@ -345,3 +345,18 @@ def test_server_validates_what_the_client_does_not(remote_client: Client, llama:
 def test_errors_are_llama_crab_errors(backend: Backend) -> None:
     with pytest.raises(LlamaCrabError):
         backend.detokenize([10**8])
+
+
+def test_async_client_accepts_a_coroutine_callback(remote_aio_backend: AsyncClientBackend) -> None:
+    delivered: list[Chunk] = []
+
+    async def stop_after_two(chunk: Chunk) -> StreamControl:
+        delivered.append(chunk)
+        return StreamControl.STOP if len(delivered) == 2 else StreamControl.CONTINUE
+
+    completion = remote_aio_backend._loop.run(
+        remote_aio_backend.client.create_completion_stream("Once upon a time", CompletionOptions(64), stop_after_two)
+    )
+    assert len(delivered) == 2
+    assert completion.stop_reason is StopReason.CANCELLED
+    assert completion.text == "".join(c.text for c in delivered)
