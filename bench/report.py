@@ -161,7 +161,9 @@ def markdown(results: dict[str, Any], png_name: Optional[str]) -> str:
         "tg is pure decoding of one sequence, no sampling or detokenizing.",
         "- **in-process**: `Llama.stream()` in its own process; TTFT from the call to the first chunk; "
         "decode tok/s = tokens after the first chunk / time from the first to the last chunk. "
-        "This includes sampling, detokenizing, stop checks and the handoff to Python.",
+        "This includes sampling, detokenizing, stop checks and the handoff to Python. "
+        "Its rounds are taken once before and once after the gRPC column and summarized together, "
+        "so the machine's drift during the run does not favour either side of the ratio.",
         "- **gRPC**: `llama-crab serve --parallel P` as a subprocess, `llama_crab_client.Client` in the "
         "benchmark process; N streams on one channel start together; per-stream numbers are means over "
         "the streams, aggregate = all tokens / wall time of the round.",
