@@ -296,18 +296,7 @@ class Llama:
 
     def model_info(self) -> ModelInfo:
         self._check_open()
-        m = self._engine.model_info()
-        return ModelInfo(
-            name=m.name,
-            architecture=m.architecture,
-            description=m.description,
-            n_params=m.n_params,
-            n_ctx_train=m.n_ctx_train,
-            n_ctx=m.n_ctx,
-            n_vocab=m.n_vocab,
-            has_chat_template=m.has_chat_template,
-            n_slots=m.n_slots,
-        )
+        return ModelInfo.from_attributes(self._engine.model_info())
 
     def metrics(self) -> EngineMetrics:
         return EngineMetrics(self._engine.metrics())

@@ -6,6 +6,7 @@ either side of the wire. Unset optional proto fields take `CompletionOptions`' d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Optional, Union
 
@@ -220,31 +221,8 @@ def complete_response_from_proto(m: pb.CompleteResponse, logprobs_requested: boo
 
 
 def model_info_to_proto(m: ModelInfo) -> pb.GetModelResponse:
-    return pb.GetModelResponse(
-        model=pb.ModelInfo(
-            name=m.name,
-            architecture=m.architecture,
-            description=m.description,
-            n_params=m.n_params,
-            n_ctx_train=m.n_ctx_train,
-            n_ctx=m.n_ctx,
-            n_vocab=m.n_vocab,
-            has_chat_template=m.has_chat_template,
-            n_slots=m.n_slots,
-        )
-    )
+    return pb.GetModelResponse(model=pb.ModelInfo(**dataclasses.asdict(m)))
 
 
 def model_info_from_proto(r: pb.GetModelResponse) -> ModelInfo:
-    m = r.model
-    return ModelInfo(
-        name=m.name,
-        architecture=m.architecture,
-        description=m.description,
-        n_params=m.n_params,
-        n_ctx_train=m.n_ctx_train,
-        n_ctx=m.n_ctx,
-        n_vocab=m.n_vocab,
-        has_chat_template=m.has_chat_template,
-        n_slots=m.n_slots,
-    )
+    return ModelInfo.from_attributes(r.model)

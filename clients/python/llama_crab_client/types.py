@@ -145,6 +145,12 @@ class ModelInfo:
     has_chat_template: bool
     n_slots: int
 
+    @classmethod
+    def from_attributes(cls, source: Any) -> ModelInfo:
+        """Copy the fields by name from any object that has them (the native engine's
+        ModelInfo, the protobuf message), so the field list is written once."""
+        return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls)})
+
 
 CompletionCallback = Callable[[Chunk], Optional[StreamControl]]
 
