@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from llama_crab import Chunk, Completion, CompletionOptions, Llama, LlamaParams, StopReason
 from llama_crab.server.testing import TestServer, start_test_server
+from helpers import wait_until
 from llama_crab_client import convert
 from llama_crab_client.v1 import llama_crab_pb2 as pb
 from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
@@ -32,16 +33,6 @@ Prompt = Union[str, Sequence[int]]
 
 
 # ---- helpers --------------------------------------------------------------------------
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll `predicate` until true; a bounded wait, not a speed assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
-
-
 def start(stub: Stub, prompt: Prompt, options: CompletionOptions, **kwargs: Any) -> Any:
     """Begin a Complete call; the returned call is also an iterator of responses."""
     return stub.Complete(convert.complete_request_to_proto(prompt, options), **kwargs)

@@ -22,21 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llama_crab import Chunk, Completion, CompletionOptions, Llama, LlamaParams, StopReason
 from llama_crab.server.testing import start_test_server
+from helpers import wait_until
 from llama_crab_client import convert
 from llama_crab_client.v1 import llama_crab_pb2 as pb
 from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
 
 PROMPT = "The capital of France is"
 SERVICE = "llama_crab.v1.LlamaCrabService"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 def start(stub: pb_grpc.LlamaCrabServiceStub, options: CompletionOptions, **kwargs: Any) -> Any:
