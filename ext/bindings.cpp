@@ -63,7 +63,12 @@ NB_MODULE(_engine, m) {
         .def_rw("flash_attn", &EngineParams::flash_attn)
         .def_rw("seed", &EngineParams::seed)
         .def_rw("n_parallel", &EngineParams::n_parallel)
-        .def_rw("max_queue", &EngineParams::max_queue);
+        .def_rw("max_queue", &EngineParams::max_queue)
+        .def_rw("max_grammar_bytes", &EngineParams::max_grammar_bytes)
+        .def_rw("max_grammar_repetitions", &EngineParams::max_grammar_repetitions)
+        .def_rw("max_sample_ms", &EngineParams::max_sample_ms)
+        .def_rw("max_buffered_bytes", &EngineParams::max_buffered_bytes)
+        .def_rw("slow_reader_timeout_ms", &EngineParams::slow_reader_timeout_ms);
 
     nb::class_<SamplingParams>(m, "SamplingParams")
         .def(nb::init<>())
@@ -111,7 +116,8 @@ NB_MODULE(_engine, m) {
         .def_ro("prompt_tps", &Event::prompt_tps)
         .def_ro("decode_tps", &Event::decode_tps)
         .def_ro("total_ms", &Event::total_ms)
-        .def_ro("error", &Event::error);
+        .def_ro("error", &Event::error)
+        .def_ro("error_field", &Event::error_field);
 
     nb::class_<Request>(m, "Request")
         .def_ro("id", &Request::id)
@@ -122,6 +128,7 @@ NB_MODULE(_engine, m) {
         .def("cancel", &Request::cancel, "Ask the engine to stop this request at its next step.")
         .def("fileno", &Request::fileno, "A file descriptor that is readable while events wait.")
         .def("finished", &Request::finished)
+        .def("buffered_bytes", &Request::buffered_bytes, "Bytes of events waiting to be taken.")
         .def("close", &Request::cancel, "Cancel if still running; resources go with the last reference.");
 
     nb::class_<ModelInfo>(m, "ModelInfo")
@@ -142,7 +149,11 @@ NB_MODULE(_engine, m) {
         .def_ro("requests_total", &Metrics::requests_total)
         .def_ro("prompt_tokens_total", &Metrics::prompt_tokens_total)
         .def_ro("completion_tokens_total", &Metrics::completion_tokens_total)
-        .def_ro("decode_steps_total", &Metrics::decode_steps_total);
+        .def_ro("decode_steps_total", &Metrics::decode_steps_total)
+        .def_ro("paused_slots", &Metrics::paused_slots)
+        .def_ro("pauses_total", &Metrics::pauses_total)
+        .def_ro("slow_reader_cancels_total", &Metrics::slow_reader_cancels_total)
+        .def_ro("guarded_failures_total", &Metrics::guarded_failures_total);
 
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<const EngineParams &>(), "params"_a, nb::call_guard<nb::gil_scoped_release>(),

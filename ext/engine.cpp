@@ -1,10 +1,13 @@
 #include "engine.h"
 
+#include <time.h>
+
 #include <algorithm>
 #include <cmath>
 #include <mutex>
 
 #include "common.h"
+#include "grammar_guard.h"
 #include "log_bridge.h"
 #include "sampling.h"
 #include "text_stream.h"
@@ -28,6 +31,13 @@ void batch_add(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_
 
 std::once_flag g_backend_once;
 
+// CPU time of the calling thread: the cost guard must not fire because the host was busy.
+double thread_cpu_ms() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
+}
+
 }  // namespace
 
 struct Engine::Slot {
@@ -39,6 +49,8 @@ struct Engine::Slot {
     llama_token next_token = 0;    // sampled, to be fed in the next batch
     int32_t i_batch = -1;          // row of this slot's logits in the current batch, -1 if none
     bool in_batch = false;
+    bool paused = false;           // consumer too far behind: skipped until it catches up
+    Request::clock::time_point paused_since{};
     std::unique_ptr<TextStream> text;
     std::vector<int32_t> generated;
     std::string delivered_text;
@@ -52,6 +64,7 @@ struct Engine::Slot {
         decoding = false;
         i_batch = -1;
         in_batch = false;
+        paused = false;
         text.reset();
         generated.clear();
         delivered_text.clear();
@@ -185,16 +198,82 @@ common_sampler * Engine::make_sampler(const SamplingParams & p) const {
         }
         throw std::invalid_argument("cannot build the sampler chain" + (detail.empty() ? "" : ": " + detail));
     }
+    if (!p.grammar.empty() && params_.max_sample_ms > 0) {
+        try {
+            probe_grammar_cost(p.grammar);
+        } catch (...) {
+            common_sampler_free(smpl);
+            throw;
+        }
+    }
     return smpl;
 }
 
-std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const SamplingParams & params) {
+void Engine::probe_grammar_cost(const std::string & grammar) const {
+    // A step where the model's favourite token breaks the grammar applies the grammar to
+    // the whole vocabulary, on the scheduler thread, while every stream waits. Time that
+    // once here, on the submitting thread, and refuse a grammar that costs more than a
+    // step may: the cost then never reaches the shared batch.
+    llama_sampler * g = llama_sampler_init_grammar(vocab_, grammar.c_str(), "root");
+    if (!g) throw InvalidGrammarError("failed to parse grammar");
+    std::vector<llama_token_data> data(static_cast<size_t>(n_vocab_));
+    for (int32_t i = 0; i < n_vocab_; ++i) data[static_cast<size_t>(i)] = {i, 0.0f, 0.0f};
+    // In slices, so that the probe itself stops once over budget: its cost is bounded too.
+    constexpr size_t slice = 4096;
+    const double start = thread_cpu_ms();
+    double cost = 0.0;
+    for (size_t off = 0; off < data.size() && cost <= params_.max_sample_ms; off += slice) {
+        llama_token_data_array cur{data.data() + off, std::min(slice, data.size() - off), -1, false};
+        llama_sampler_apply(g, &cur);
+        cost = thread_cpu_ms() - start;
+    }
+    llama_sampler_free(g);
+    if (cost > params_.max_sample_ms) {
+        char why[200];
+        snprintf(why, sizeof why,
+                 "too costly: applying it to the vocabulary once takes over %.0f ms of CPU; the server allows %.0f ms per step",
+                 params_.max_sample_ms, params_.max_sample_ms);
+        throw InvalidGrammarError(why);
+    }
+}
+
+void Engine::validate(const std::vector<llama_token> & prompt, const SamplingParams & params) const {
+    // Everything here would otherwise reach llama.cpp as an out-of-bounds index or an
+    // unbounded cost; the Python layer checks the same with friendlier messages.
     if (prompt.empty()) {
         throw std::invalid_argument("prompt: must not be empty");
     }
     if (static_cast<int32_t>(prompt.size()) >= n_ctx_seq_) {
         throw std::invalid_argument("prompt: longer than a sequence's context");
     }
+    for (llama_token t : prompt) {
+        if (t < 0 || t >= n_vocab_) {
+            throw std::invalid_argument("prompt: token id " + std::to_string(t) + " is not in the vocabulary");
+        }
+    }
+    for (const auto & [token, bias] : params.logit_bias) {
+        if (token < 0 || token >= n_vocab_) {
+            throw std::invalid_argument("logit_bias: token id " + std::to_string(token) + " is not in the vocabulary");
+        }
+        if (std::isnan(bias) || bias == INFINITY) {
+            throw std::invalid_argument("logit_bias: bias must be a number or -inf");
+        }
+    }
+    if (params.max_tokens < 1) {
+        throw std::invalid_argument("max_tokens: must be >= 1");
+    }
+    if (params.logprobs > 100) {
+        throw std::invalid_argument("logprobs: at most 100 alternatives");
+    }
+    const std::string problem = grammar_cost_problem(
+        params.grammar, GrammarLimits{params_.max_grammar_bytes, params_.max_grammar_repetitions, 100});
+    if (!problem.empty()) {
+        throw InvalidGrammarError(problem);
+    }
+}
+
+std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const SamplingParams & params) {
+    validate(prompt, params);
     {
         std::lock_guard<std::mutex> lock(mu_);
         if (closing_) throw EngineClosedError("the engine is closed");
@@ -278,6 +357,19 @@ bool Engine::build_batch() {
     const int32_t n_batch = static_cast<int32_t>(llama_n_batch(ctx_));
     for (auto & slot : slots_) {
         if (!slot.req || !slot.decoding) continue;
+        if (backlogged(slot)) {
+            if (!slot.paused) {
+                slot.paused = true;
+                slot.paused_since = Request::clock::now();
+                paused_slots_++;
+                pauses_total_++;
+            }
+            continue;
+        }
+        if (slot.paused) {
+            slot.paused = false;
+            paused_slots_--;
+        }
         batch_add(batch_, slot.next_token, slot.n_past++, slot.seq_id, true);
         slot.i_batch = batch_.n_tokens - 1;
         slot.in_batch = true;
@@ -303,6 +395,22 @@ bool Engine::build_batch() {
         slot->in_batch = true;
     }
     return batch_.n_tokens > 0;
+}
+
+bool Engine::backlogged(const Slot & slot) const {
+    return params_.max_buffered_bytes > 0 && slot.req->buffered_bytes() >= params_.max_buffered_bytes;
+}
+
+void Engine::cancel_slow_readers() {
+    if (params_.slow_reader_timeout_ms < 0) return;
+    const auto now = Request::clock::now();
+    for (auto & slot : slots_) {
+        if (!slot.req || !slot.paused) continue;
+        if (ms_between(slot.paused_since, now) >= params_.slow_reader_timeout_ms) {
+            slow_reader_cancels_total_++;
+            finish(slot, StopReason::CANCELLED);
+        }
+    }
 }
 
 TokenLogprob Engine::logprob_of(int32_t batch_idx, llama_token token, int32_t top_n) {
@@ -352,7 +460,8 @@ void Engine::emit(Slot & slot, const std::string & text) {
     slot.req->push(std::move(ev));
 }
 
-void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_sequence, const std::string & error) {
+void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_sequence, const std::string & error,
+                    const std::string & error_field) {
     const Request & req = *slot.req;
     if (error.empty() && (reason == StopReason::LENGTH || reason == StopReason::EOS)) {
         emit(slot, slot.text->flush());
@@ -370,6 +479,7 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     ev.stop_sequence = stop_sequence;
     ev.prompt_tokens = static_cast<int32_t>(req.prompt.size());
     ev.error = error;
+    ev.error_field = error_field;
     const auto t_admit = req.t_admit.time_since_epoch().count() ? req.t_admit : now;
     ev.queue_ms = ms_between(req.t_submit, t_admit);
     ev.total_ms = ms_between(req.t_submit, now);
@@ -387,6 +497,7 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     // final event goes out so a caller that sees it also sees the slot free.
     std::shared_ptr<Request> owner = std::move(slot.req);
     llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+    if (slot.paused) paused_slots_--;
     slot.reset();
     busy_slots_--;
     owner->push(std::move(ev));
@@ -395,6 +506,20 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
 void Engine::sample_slot(Slot & slot) {
     Request & req = *slot.req;
     const llama_token id = common_sampler_sample(req.sampler, ctx_, slot.i_batch);
+    // A grammar plus logit_bias (or a chain) can leave no token allowed; the sampler then
+    // still "selects" a banned one, and accepting it makes llama.cpp's grammar abort the
+    // process. A banned pick is exactly a non-finite selected logit: end this sequence.
+    const llama_token_data_array * cur = common_sampler_get_candidates(req.sampler, false);
+    if (cur->selected < 0 || static_cast<size_t>(cur->selected) >= cur->size ||
+        !(cur->data[cur->selected].logit > -INFINITY)) {
+        guarded_failures_total_++;
+        const bool grammar = !req.params.grammar.empty();
+        finish(slot, StopReason::CANCELLED, "",
+               grammar ? "no token is allowed: the grammar and logit_bias together exclude every token"
+                       : "no token is allowed: logit_bias (or the sampler chain) excludes every token",
+               grammar ? "grammar" : "logit_bias");
+        return;
+    }
     common_sampler_accept(req.sampler, id, true);
     if (slot.generated.empty()) {
         req.t_first_token = Request::clock::now();
@@ -434,11 +559,23 @@ void Engine::after_decode() {
             slot.decoding = true;
             slot.req->t_prompt_done = Request::clock::now();
         }
+        const double cpu_start = thread_cpu_ms();
         try {
             sample_slot(slot);
         } catch (const std::exception & e) {
             // One request's failure (e.g. its sampler) must not take down the others.
             if (slot.req) finish(slot, StopReason::CANCELLED, "", std::string("sampling failed: ") + e.what());
+        }
+        const double cpu_ms = thread_cpu_ms() - cpu_start;
+        if (slot.req && params_.max_sample_ms > 0 && cpu_ms > params_.max_sample_ms) {
+            // Every other stream waited for this: a request whose grammar or chain costs
+            // more than the bound per step does not stay in the shared batch.
+            guarded_failures_total_++;
+            const bool grammar = !slot.req->params.grammar.empty();
+            char why[160];
+            snprintf(why, sizeof why, "too costly: sampling took %.0f ms of CPU in one step; the server allows %.0f ms per step",
+                     cpu_ms, params_.max_sample_ms);
+            finish(slot, StopReason::CANCELLED, "", why, grammar ? "grammar" : "samplers");
         }
     }
 }
@@ -468,7 +605,14 @@ void Engine::run() {
                 finish(slot, StopReason::CANCELLED);
             }
         }
-        if (!build_batch()) continue;
+        cancel_slow_readers();
+        if (!build_batch()) {
+            // Every active sequence is paused for its reader: nap instead of spinning. A
+            // submission wakes us at once; readers catching up are seen within the nap.
+            std::unique_lock<std::mutex> lock(mu_);
+            cv_.wait_for(lock, std::chrono::milliseconds(2));
+            continue;
+        }
         const int32_t ret = llama_decode(ctx_, batch_);
         set_abort_in_progress(false);
         decode_steps_total_++;
@@ -543,6 +687,10 @@ Metrics Engine::metrics() const {
     }
     m.n_slots = static_cast<int32_t>(slots_.size());
     m.busy_slots = busy_slots_.load();
+    m.paused_slots = paused_slots_.load();
+    m.pauses_total = pauses_total_.load();
+    m.slow_reader_cancels_total = slow_reader_cancels_total_.load();
+    m.guarded_failures_total = guarded_failures_total_.load();
     m.requests_total = requests_total_.load();
     m.prompt_tokens_total = prompt_tokens_total_.load();
     m.completion_tokens_total = completion_tokens_total_.load();

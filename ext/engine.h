@@ -38,6 +38,18 @@ struct EngineParams {
     uint32_t seed = LLAMA_DEFAULT_SEED;
     int32_t n_parallel = 1;
     int32_t max_queue = 0;  // 0: unbounded
+
+    // Bounds on what one request may cost the others (0: unbounded).
+    uint32_t max_grammar_bytes = 32 * 1024;
+    uint32_t max_grammar_repetitions = 10000;  // summed {m,n} counts (see grammar_guard.h)
+    // CPU time one sequence's sampling may take in one step; a sequence over it fails
+    // (its grammar or sampler chain is too costly to keep in a shared batch).
+    double max_sample_ms = 100.0;
+    // Backpressure: a sequence whose consumer has not taken this many bytes of events
+    // is paused (skipped in the batch, KV kept) until it does.
+    uint32_t max_buffered_bytes = 256 * 1024;
+    // A sequence paused this long is cancelled (0: at once, i.e. never pause; < 0: never).
+    int32_t slow_reader_timeout_ms = 120000;
 };
 
 struct ModelInfo {
@@ -48,8 +60,9 @@ struct ModelInfo {
 };
 
 struct Metrics {
-    int32_t n_slots = 0, busy_slots = 0, queue_depth = 0;
+    int32_t n_slots = 0, busy_slots = 0, queue_depth = 0, paused_slots = 0;
     uint64_t requests_total = 0, prompt_tokens_total = 0, completion_tokens_total = 0, decode_steps_total = 0;
+    uint64_t pauses_total = 0, slow_reader_cancels_total = 0, guarded_failures_total = 0;
 };
 
 struct ModelLoadError : std::runtime_error { using std::runtime_error::runtime_error; };
@@ -88,10 +101,15 @@ private:
     void after_decode();
     void sample_slot(Slot & slot);
     void emit(Slot & slot, const std::string & text);
-    void finish(Slot & slot, StopReason reason, const std::string & stop_sequence = "", const std::string & error = "");
+    void finish(Slot & slot, StopReason reason, const std::string & stop_sequence = "", const std::string & error = "",
+                const std::string & error_field = "");
+    bool backlogged(const Slot & slot) const;
+    void cancel_slow_readers();
+    void validate(const std::vector<llama_token> & prompt, const SamplingParams & params) const;
     void fail_batch(const std::string & error);
     TokenLogprob logprob_of(int32_t batch_idx, llama_token token, int32_t top_n);
     common_sampler * make_sampler(const SamplingParams & p) const;
+    void probe_grammar_cost(const std::string & grammar) const;
     static bool abort_callback(void * data);
     void ensure_open() const;
 
@@ -110,7 +128,8 @@ private:
     bool closing_ = false;
     std::atomic<bool> stop_{false};
     uint64_t next_id_ = 1;
-    std::atomic<int32_t> busy_slots_{0};
+    std::atomic<int32_t> busy_slots_{0}, paused_slots_{0};
+    std::atomic<uint64_t> pauses_total_{0}, slow_reader_cancels_total_{0}, guarded_failures_total_{0};
     std::atomic<uint64_t> requests_total_{0}, prompt_tokens_total_{0}, completion_tokens_total_{0}, decode_steps_total_{0};
     std::thread thread_;
 };

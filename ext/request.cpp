@@ -32,10 +32,22 @@ Request::~Request() {
     if (pipe_w_ >= 0) close(pipe_w_);
 }
 
+size_t event_bytes(const Event & ev) {
+    size_t n = 64 + ev.text.size() + 4 * ev.token_ids.size() + ev.error.size();
+    if (ev.logprobs) {
+        for (const auto & lp : *ev.logprobs) {
+            n += 16 + lp.text.size();
+            for (const auto & t : lp.top) n += 16 + t.text.size();
+        }
+    }
+    return n;
+}
+
 void Request::push(Event ev) {
     std::lock_guard<std::mutex> lock(mu_);
     if (final_pushed_) return;
     final_pushed_ = ev.is_final;
+    buffered_bytes_.fetch_add(event_bytes(ev), std::memory_order_relaxed);
     events_.push_back(std::move(ev));
     if (!signaled_) {
         const char b = 1;
@@ -56,6 +68,7 @@ void Request::drain_pipe_locked() {
 std::vector<Event> Request::take_locked() {
     std::vector<Event> out(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
     events_.clear();
+    buffered_bytes_.store(0, std::memory_order_relaxed);
     drain_pipe_locked();
     return out;
 }

@@ -68,7 +68,13 @@ struct Event {
     int32_t cached_tokens = 0;
     double queue_ms = 0, ttft_ms = 0, prompt_tps = 0, decode_tps = 0, total_ms = 0;
     std::string error;  // non-empty if the engine failed this sequence
+    // Set with `error` when the request itself caused the failure (e.g. a grammar that
+    // leaves no token allowed): the field to blame, so callers get INVALID_ARGUMENT.
+    std::string error_field;
 };
+
+// Approximate bytes an event holds while it waits for its consumer (backpressure).
+size_t event_bytes(const Event & ev);
 
 class Request {
 public:
@@ -94,6 +100,8 @@ public:
 
     // Scheduler side.
     void push(Event ev);
+    // Bytes of events pushed but not yet taken by the consumer.
+    size_t buffered_bytes() const { return buffered_bytes_.load(std::memory_order_relaxed); }
 
     // Timings, written by the scheduler thread only.
     clock::time_point t_submit = clock::now();
@@ -104,6 +112,7 @@ private:
     void drain_pipe_locked();
 
     std::atomic<bool> cancelled_{false};
+    std::atomic<size_t> buffered_bytes_{0};
     mutable std::mutex mu_;
     std::condition_variable cv_;
     std::deque<Event> events_;

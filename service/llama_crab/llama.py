@@ -19,6 +19,7 @@ from llama_crab_client.errors import (
     UnavailableError,
 )
 from llama_crab_client.types import (
+    LIMITS,
     Chunk,
     Completion,
     CompletionCallback,
@@ -71,6 +72,10 @@ def _to_event(ev: _engine.Event) -> Event:
     if not ev.is_final:
         return Chunk(ev.text, tuple(ev.token_ids), ev.n_tokens, _logprobs(ev.logprobs))
     if ev.error:
+        if ev.error_field:
+            # The request itself made generation impossible (e.g. a grammar that leaves
+            # no token allowed): the caller's error, with the field to blame.
+            raise InvalidArgumentError.for_field(ev.error_field, ev.error)
         # The engine failed this sequence (e.g. llama_decode error); surface it, don't hide it.
         raise RuntimeError(f"generation failed: {ev.error}")
     return Completion(
@@ -101,6 +106,13 @@ class EngineMetrics:
         self.prompt_tokens_total: int = native.prompt_tokens_total
         self.completion_tokens_total: int = native.completion_tokens_total
         self.decode_steps_total: int = native.decode_steps_total
+        # Backpressure and guards: sequences paused for a slow reader now / ever, cancelled
+        # for reading too slowly, and ended because their request was too costly or
+        # left no token allowed.
+        self.paused_slots: int = native.paused_slots
+        self.pauses_total: int = native.pauses_total
+        self.slow_reader_cancels_total: int = native.slow_reader_cancels_total
+        self.guarded_failures_total: int = native.guarded_failures_total
 
 
 class CompletionHandle:
@@ -113,6 +125,9 @@ class CompletionHandle:
     def __init__(self, native: _engine.Request) -> None:
         self._native = native
         self.done = False
+        # A failed final that arrived behind chunks: raised on the next call, so the
+        # chunks before it are still delivered.
+        self._error: Optional[BaseException] = None
 
     @property
     def id(self) -> int:
@@ -127,11 +142,27 @@ class CompletionHandle:
         return int(self._native.fileno())
 
     def _convert(self, events: list[_engine.Event]) -> list[Event]:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         # Mark done before converting: a failed sequence's final event raises below, and
         # events()/close() must not wait for another final after that.
         if events and events[-1].is_final:
             self.done = True
-        return [_to_event(e) for e in events]
+        out: list[Event] = []
+        for e in events:
+            try:
+                out.append(_to_event(e))
+            except Exception as error:
+                if not out:
+                    raise
+                self._error = error
+        return out
+
+    @property
+    def error_pending(self) -> bool:
+        """A failed final arrived behind the events just returned: the next call raises it."""
+        return self._error is not None
 
     def poll(self) -> list[Event]:
         """Events ready now, without blocking."""
@@ -147,7 +178,7 @@ class CompletionHandle:
 
     def events(self) -> Iterator[Event]:
         """Every event until the final Completion (blocking)."""
-        while not self.done:
+        while not self.done or self._error is not None:
             yield from self.wait()
 
     def close(self) -> None:
@@ -156,6 +187,7 @@ class CompletionHandle:
             self.cancel()
             for _ in self.events():
                 pass
+        self._error = None
         self._native.close()
 
 
@@ -254,6 +286,10 @@ class Llama:
         native.seed = params.seed
         native.n_parallel = params.n_parallel
         native.max_queue = params.max_queue
+        native.max_grammar_bytes = params.max_grammar_bytes
+        native.max_sample_ms = params.max_sample_ms
+        native.max_buffered_bytes = params.max_buffered_bytes
+        native.slow_reader_timeout_ms = -1 if params.slow_reader_timeout is None else int(params.slow_reader_timeout * 1000)
         try:
             engine = _engine.Engine(native)
         except _engine.ModelLoadError as e:
@@ -287,10 +323,14 @@ class Llama:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Tokens of `text`; `add_special` adds BOS/EOS as the model's metadata asks."""
         self._check_open()
+        if len(text) > LIMITS.prompt_text_bytes or len(text.encode("utf-8")) > LIMITS.prompt_text_bytes:
+            raise InvalidArgumentError.for_field("text", f"at most {LIMITS.prompt_text_bytes} bytes")
         return list(self._engine.tokenize(text, add_special, parse_special))
 
     def detokenize(self, tokens: Sequence[int], remove_special: bool = False, unparse_special: bool = True) -> str:
         self._check_open()
+        if len(tokens) > LIMITS.prompt_tokens:
+            raise InvalidArgumentError.for_field("tokens", f"at most {LIMITS.prompt_tokens} token ids")
         self._check_tokens(tokens, "tokens")
         return str(self._engine.detokenize(list(tokens), remove_special, unparse_special))
 
@@ -326,9 +366,14 @@ class Llama:
         if isinstance(prompt, str):
             if prompt == "":
                 raise InvalidArgumentError.for_field("prompt", "must not be empty")
+            # Refused before tokenizing: tokenizing megabytes only to refuse them costs seconds.
+            if len(prompt) > LIMITS.prompt_text_bytes or len(prompt.encode("utf-8")) > LIMITS.prompt_text_bytes:
+                raise InvalidArgumentError.for_field("prompt", f"at most {LIMITS.prompt_text_bytes} bytes of text")
             tokens = self.tokenize(prompt)
         else:
             tokens = list(prompt)
+            if len(tokens) > LIMITS.prompt_tokens:
+                raise InvalidArgumentError.for_field("prompt", f"at most {LIMITS.prompt_tokens} token ids")
             self._check_tokens(tokens, "prompt")
         if not tokens:
             raise InvalidArgumentError.for_field("prompt", "must not be empty")
@@ -363,6 +408,10 @@ class Llama:
             raise ResourceExhaustedError(str(e)) from None
         except _engine.EngineClosedError as e:
             raise UnavailableError(str(e)) from None
+        except ValueError as e:
+            # The engine's own checks say "field: problem" (the ones above ran first).
+            field, _, why = str(e).partition(": ")
+            raise InvalidArgumentError.for_field(field if why else "request", why or field) from None
 
     def stream(self, prompt: Prompt, options: Optional[CompletionOptions] = None) -> CompletionStream:
         """Iterate chunks: `for chunk in llama.stream(...)`; leaving the loop is STOP."""

@@ -33,6 +33,15 @@ class LlamaParams:
     seed: int = 0xFFFFFFFF  # default seed for requests that set none; 0xFFFFFFFF = random
     n_parallel: int = 1
     max_queue: int = 0
+    # What one request may cost the others: grammar text size, and the CPU time one
+    # sequence's sampling (grammar, chain) may take per step before it is ended.
+    max_grammar_bytes: int = 32 * 1024
+    max_sample_ms: float = 100.0
+    # Backpressure: a stream whose reader is this many bytes behind is paused (KV kept)
+    # until it catches up; paused for `slow_reader_timeout` seconds it is cancelled
+    # (0: cancel instead of pausing; None: pause for as long as it takes).
+    max_buffered_bytes: int = 256 * 1024
+    slow_reader_timeout: Optional[float] = 120.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", os.fspath(self.model_path))
@@ -73,6 +82,15 @@ class LlamaParams:
     def with_max_queue(self, max_queue: int) -> LlamaParams:
         return self._with(max_queue=max_queue)
 
+    def with_max_grammar_bytes(self, max_grammar_bytes: int) -> LlamaParams:
+        return self._with(max_grammar_bytes=max_grammar_bytes)
+
+    def with_max_sample_ms(self, max_sample_ms: float) -> LlamaParams:
+        return self._with(max_sample_ms=max_sample_ms)
+
+    def with_backpressure(self, max_buffered_bytes: int, slow_reader_timeout: Optional[float] = 120.0) -> LlamaParams:
+        return self._with(max_buffered_bytes=max_buffered_bytes, slow_reader_timeout=slow_reader_timeout)
+
     def violations(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         positive = ("n_ctx", "n_batch", "n_ubatch", "n_parallel")
@@ -84,8 +102,15 @@ class LlamaParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 out.append((name, "must be None or an integer >= 1"))
-        if not isinstance(self.max_queue, int) or self.max_queue < 0:
-            out.append(("max_queue", "must be an integer >= 0"))
+        for name in ("max_queue", "max_grammar_bytes", "max_buffered_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+                out.append((name, "must be an integer >= 0 (0 = unbounded)"))
+        if not isinstance(self.max_sample_ms, (int, float)) or not 0 <= self.max_sample_ms < 1e9:
+            out.append(("max_sample_ms", "must be a number >= 0 (0 = unbounded)"))
+        timeout = self.slow_reader_timeout
+        if timeout is not None and (not isinstance(timeout, (int, float)) or not 0 <= timeout <= 2e6):
+            out.append(("slow_reader_timeout", "must be None or a number of seconds >= 0"))
         if self.flash_attn not in ("auto", "on", "off"):
             out.append(("flash_attn", "must be 'auto', 'on' or 'off'"))
         if not isinstance(self.seed, int) or not 0 <= self.seed <= 0xFFFFFFFF:

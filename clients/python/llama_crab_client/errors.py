@@ -12,6 +12,8 @@ from typing import ClassVar
 from .types import FieldViolation
 
 __all__ = [
+    "MAX_DESCRIPTION_CHARS",
+    "MAX_VIOLATIONS",
     "DeadlineExceededError",
     "InternalError",
     "InvalidArgumentError",
@@ -20,7 +22,29 @@ __all__ = [
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",
+    "bounded_violations",
+    "clip",
 ]
+
+
+# An error names at most this many violations (then one "and K more"), each description
+# at most this long, so that any error fits default gRPC metadata limits (8 KiB).
+MAX_VIOLATIONS = 8
+MAX_DESCRIPTION_CHARS = 200
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded_violations(violations: Sequence[FieldViolation]) -> list[FieldViolation]:
+    """The first MAX_VIOLATIONS violations (descriptions clipped), plus one line that
+    counts the rest: what an error reports however much of a request was wrong."""
+    shown = [FieldViolation(v.field, clip(v.description, MAX_DESCRIPTION_CHARS)) for v in violations[:MAX_VIOLATIONS]]
+    rest = len(violations) - len(shown)
+    if rest > 0:
+        shown.append(FieldViolation(violations[MAX_VIOLATIONS].field, f"and {rest} more violations not listed"))
+    return shown
 
 
 class LlamaCrabError(Exception):
@@ -46,8 +70,9 @@ class InvalidArgumentError(LlamaCrabError, ValueError):
 
     @classmethod
     def from_violations(cls, violations: Sequence[FieldViolation]) -> InvalidArgumentError:
-        text = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        return cls(f"invalid argument: {text}", violations)
+        shown = bounded_violations(violations)
+        text = "; ".join(f"{v.field}: {v.description}" for v in shown)
+        return cls(f"invalid argument: {text}", shown)
 
     @classmethod
     def for_field(cls, field: str, description: str) -> InvalidArgumentError:

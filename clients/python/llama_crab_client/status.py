@@ -16,6 +16,8 @@ from grpc_status import rpc_status
 
 from .errors import (
     DeadlineExceededError,
+    bounded_violations,
+    clip,
     InternalError,
     InvalidArgumentError,
     LlamaCrabError,
@@ -39,20 +41,26 @@ _BY_STATUS: dict[grpc.StatusCode, type[LlamaCrabError]] = {
 }
 
 
+# The status message rides in the grpc-message trailer: keep it well inside 8 KiB.
+_MAX_MESSAGE_CHARS = 500
+
+
 def to_status(error: LlamaCrabError) -> grpc.Status:
+    """The error as a status whose trailers stay small, whatever the error carries."""
     code: grpc.StatusCode = getattr(grpc.StatusCode, error.status, grpc.StatusCode.UNKNOWN)
     details = []
     if error.violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                for v in bounded_violations(error.violations)
             ]
         )
         packed = any_pb2.Any()
         packed.Pack(bad_request)
         details.append(packed)
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=error.message, details=details))
+    message = clip(error.message, _MAX_MESSAGE_CHARS)
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
 
 
 async def abort(context: Any, error: LlamaCrabError) -> NoReturn:

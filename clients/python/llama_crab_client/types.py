@@ -20,6 +20,8 @@ __all__ = [
     "CompletionCallback",
     "CompletionOptions",
     "FieldViolation",
+    "Limits",
+    "LIMITS",
     "ModelInfo",
     "SAMPLER_NAMES",
     "StopReason",
@@ -62,6 +64,23 @@ SAMPLER_NAMES: frozenset[str] = frozenset(
         "temperature",
     }
 )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size caps on request fields, the same in process and over the wire (the proto
+    documents them): each keeps one request's cost bounded. Grammar size and cost are
+    bounded by the engine (`LlamaParams.max_grammar_bytes`), since servers tune them."""
+
+    stop_sequences: int = 16
+    stop_sequence_chars: int = 256
+    logit_bias: int = 1024
+    samplers: int = 16
+    prompt_text_bytes: int = 4 * 1024 * 1024
+    prompt_tokens: int = 1 << 20
+
+
+LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -322,9 +341,14 @@ class CompletionOptions:
 
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
-        for i, stop in enumerate(self.stop_sequences):
-            if not isinstance(stop, str) or stop == "":
-                bad(f"stop_sequences[{i}]", "must be a non-empty string")
+        if len(self.stop_sequences) > LIMITS.stop_sequences:
+            bad("stop_sequences", f"at most {LIMITS.stop_sequences} entries (got {len(self.stop_sequences)})")
+        else:
+            for i, stop in enumerate(self.stop_sequences):
+                if not isinstance(stop, str) or stop == "":
+                    bad(f"stop_sequences[{i}]", "must be a non-empty string")
+                elif len(stop) > LIMITS.stop_sequence_chars:
+                    bad(f"stop_sequences[{i}]", f"at most {LIMITS.stop_sequence_chars} characters")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be an integer in [0, 20]")
         check_float("temperature", 0.0, 100.0)
@@ -340,17 +364,22 @@ class CompletionOptions:
             bad("penalty_last_n", "must be an integer >= -1")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32 - 1):
             bad("seed", "must be an integer in [0, 2**32 - 2]")
-        for token, bias in self.logit_bias.items():
-            if not _is_int(token) or token < 0 or (n_vocab is not None and token >= n_vocab):
-                bad("logit_bias", f"token id {token!r} is not in the vocabulary")
-            elif not _is_number(bias) or math.isnan(bias) or bias == math.inf:
-                bad("logit_bias", f"bias for token {token} must be a number or -inf")
+        if len(self.logit_bias) > LIMITS.logit_bias:
+            bad("logit_bias", f"at most {LIMITS.logit_bias} entries (got {len(self.logit_bias)})")
+        else:
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0 or (n_vocab is not None and token >= n_vocab):
+                    bad("logit_bias", f"token id {token!r} is not in the vocabulary")
+                elif not _is_number(bias) or math.isnan(bias) or bias == math.inf:
+                    bad("logit_bias", f"bias for token {token} must be a number or -inf")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             bad("grammar", "must be a non-empty GBNF grammar")
         if self.samplers is not None:
             if len(self.samplers) == 0:
                 bad("samplers", "must name at least one sampler (or be None for the default chain)")
-            for name in self.samplers:
+            if len(self.samplers) > LIMITS.samplers:
+                bad("samplers", f"at most {LIMITS.samplers} entries (got {len(self.samplers)})")
+            for name in self.samplers[: LIMITS.samplers]:
                 if name not in SAMPLER_NAMES:
                     bad("samplers", f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLER_NAMES))}")
         return out

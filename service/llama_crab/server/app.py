@@ -218,6 +218,10 @@ def load_llama(config: ServeConfig) -> Llama:
         n_gpu_layers=config.n_gpu_layers,
         n_parallel=config.parallel,
         max_queue=config.max_queue,
+        max_grammar_bytes=config.max_grammar_bytes,
+        max_sample_ms=config.max_sample_ms,
+        max_buffered_bytes=config.stream_buffer_kib * 1024,
+        slow_reader_timeout=None if config.slow_reader_timeout < 0 else config.slow_reader_timeout,
     )
     return Llama.load(params)
 

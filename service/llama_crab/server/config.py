@@ -33,6 +33,11 @@ class ServeConfig:
     n_batch: int = 512
     threads: Optional[int] = None
     n_gpu_layers: int = -1
+    # what one request may cost the others (see LlamaParams)
+    max_grammar_bytes: int = 32 * 1024
+    max_sample_ms: float = 100.0
+    stream_buffer_kib: int = 256
+    slow_reader_timeout: float = 120.0  # < 0: never
     # network
     host: str = "127.0.0.1"
     port: int = 50051
@@ -74,8 +79,17 @@ class ServeConfig:
 
         for name in ("n_ctx", "parallel", "n_batch"):
             at_least(name, 1)
-        for name in ("max_queue", "max_concurrent_rpcs", "grace", "keepalive_min_ping_interval"):
+        for name in (
+            "max_queue",
+            "max_concurrent_rpcs",
+            "grace",
+            "keepalive_min_ping_interval",
+            "max_grammar_bytes",
+            "max_sample_ms",
+            "stream_buffer_kib",
+        ):
             at_least(name, 0)
+
         for name in ("keepalive_time", "keepalive_timeout"):
             at_least(name, 0.001)
         at_least("max_message_bytes", 1024)
@@ -129,6 +143,10 @@ def _optional_int(text: str) -> Optional[int]:
     return None if text.strip().lower() in ("", "auto") else int(text)
 
 
+def _seconds_or_never(text: str) -> float:
+    return -1.0 if text.strip().lower() == "never" else float(text)
+
+
 @dataclass(frozen=True)
 class Option:
     """One `serve` option: its flag, its env twin and how to parse a string into it."""
@@ -161,6 +179,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("n_batch", int, "N", "prompt tokens decoded per step"),
     Option("threads", _optional_int, "N", "CPU threads for decoding and prompt processing", unset="every core"),
     Option("n_gpu_layers", int, "N", "layers offloaded to a GPU build's device (-1 = all)"),
+    Option("max_grammar_bytes", int, "BYTES", "largest GBNF grammar a request may carry (0 = no limit)"),
+    Option(
+        "max_sample_ms",
+        float,
+        "MS",
+        "CPU time one stream's sampling (grammar, sampler chain) may take per step; a stream over it ends "
+        "with INVALID_ARGUMENT, so no request stalls the others longer (0 = no limit)",
+    ),
+    Option(
+        "stream_buffer_kib",
+        int,
+        "KIB",
+        "output a stream may buffer for a client that does not read; past it generation pauses (0 = no limit)",
+    ),
+    Option(
+        "slow_reader_timeout",
+        _seconds_or_never,
+        "SECONDS",
+        "a stream paused this long for its reader is cancelled (0 = cancel instead of pausing; never or -1 = wait)",
+    ),
     Option(
         "grace", float, "SECONDS", "on SIGTERM/SIGINT, time in-flight streams get to finish before they are cancelled"
     ),

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -39,6 +39,22 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(f"{_NS}_queue_depth", "Requests waiting for a slot", value=snapshot.queue_depth)
         yield GaugeMetricFamily(
             f"{_NS}_engine_decode_steps", "Batched decode steps run by the engine", value=snapshot.decode_steps_total
+        )
+        yield GaugeMetricFamily(
+            f"{_NS}_paused_slots", "Slots paused because their reader is behind (backpressure)", value=snapshot.paused_slots
+        )
+        yield CounterMetricFamily(
+            f"{_NS}_slow_reader_pauses", "Times a slot was paused for a slow reader", value=snapshot.pauses_total
+        )
+        yield CounterMetricFamily(
+            f"{_NS}_slow_reader_cancels",
+            "Streams cancelled after staying paused past --slow-reader-timeout",
+            value=snapshot.slow_reader_cancels_total,
+        )
+        yield CounterMetricFamily(
+            f"{_NS}_guarded_failures",
+            "Streams ended because their request left no token allowed or cost over --max-sample-ms per step",
+            value=snapshot.guarded_failures_total,
         )
 
 

@@ -19,7 +19,7 @@ from grpc import aio
 
 from llama_crab_client import convert, status
 from llama_crab_client.errors import InternalError, LlamaCrabError, UnavailableError
-from llama_crab_client.types import Chunk, Completion, StopReason, completion_from_delivered
+from llama_crab_client.types import Chunk, Completion, CompletionOptions, StopReason, completion_from_delivered
 from llama_crab_client.v1 import llama_crab_pb2 as pb
 from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
 
@@ -28,7 +28,7 @@ from .metrics import ServiceMetrics
 from .relay import EngineFailure, HandleRelay
 
 if TYPE_CHECKING:
-    from ..llama import Llama
+    from ..llama import CompletionHandle, Llama
 
 __all__ = ["SERVICE_NAME", "LlamaCrabServicer", "register_servicer"]
 
@@ -176,7 +176,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         async with self._observe("Complete", context) as call:
             llama = self._ready_llama(allow_draining=False)
             prompt, options = convert.complete_request_from_proto(request)
-            handle = llama.submit(prompt, options)
+            handle = await _submit(llama, prompt, options)
             relay = HandleRelay(handle)
             progress = _StreamProgress(prompt_tokens=handle.prompt_tokens)
             self._track(relay, call, progress)
@@ -268,9 +268,10 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         log_event("completion finished", level, **fields)
 
     async def _unary(self, method: str, context: Context, answer: Callable[[Llama], T]) -> T:
-        """Run a quick unary RPC: `answer(llama)` builds the response (or raises)."""
+        """Run a unary RPC: `answer(llama)` builds the response (or raises), in a worker
+        thread, since tokenizing megabytes must not stall the streams on the event loop."""
         async with self._observe(method, context):
-            return answer(self._ready_llama())
+            return await asyncio.to_thread(answer, self._ready_llama())
         raise AssertionError("unreachable: _observe turns every error into an abort")
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
@@ -290,6 +291,25 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         return await self._unary("GetModel", context, lambda llama: convert.model_info_to_proto(llama.model_info()))
+
+
+async def _submit(llama: Llama, prompt: convert.Prompt, options: CompletionOptions) -> CompletionHandle:
+    """`llama.submit` in a worker thread: tokenizing and parsing a grammar can take a
+    while, and the event loop relays every other stream meanwhile. A call cancelled while
+    the submission runs still gets its request released once it exists."""
+    future = asyncio.get_running_loop().run_in_executor(None, llama.submit, prompt, options)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def release(done: asyncio.Future[CompletionHandle]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                handle = done.result()
+                handle.cancel()
+                asyncio.get_running_loop().run_in_executor(None, handle.close)
+
+        future.add_done_callback(release)
+        raise
 
 
 def _cancel_code(context: Context) -> str:
