@@ -61,7 +61,9 @@ GrammarShape grammar_shape(const std::string & s) {
                 ++i;
                 while (i < s.size() && s[i] == ' ') ++i;
                 const bool open_ended = i < s.size() && s[i] == '}';
-                count = open_ended ? lo + 1 : std::max(lo, read_count(s, i));
+                const size_t hi = open_ended ? lo + 1 : read_count(s, i);
+                shape.inverted_repetition |= hi < lo;
+                count = std::max(lo, hi);
             }
             total = std::min<size_t>(total + count, size_t(1) << 40);
         } else {
@@ -77,6 +79,9 @@ std::string grammar_cost_problem(const std::string & gbnf, const GrammarLimits &
                std::to_string(limits.max_bytes);
     }
     const GrammarShape shape = grammar_shape(gbnf);
+    if (shape.inverted_repetition) {
+        return "a {m,n} repetition has n < m";
+    }
     if (limits.max_repetitions && shape.repetitions > limits.max_repetitions) {
         return "its {m,n} repetitions expand to " + std::to_string(shape.repetitions) +
                " copies in all; the server allows at most " + std::to_string(limits.max_repetitions);

@@ -22,6 +22,8 @@ struct GrammarLimits {
 struct GrammarShape {
     size_t repetitions = 0;  // sum over all {m,n} of max(m, n) ({m,} counts m + 1)
     size_t nesting = 0;      // deepest parenthesis nesting
+    // A {m,n} with n < m: llama.cpp computes n - m unsigned and loops ~2^64 times.
+    bool inverted_repetition = false;
 };
 
 // Empty when `gbnf` is within the limits, else why not (for an INVALID_ARGUMENT).

@@ -5,6 +5,7 @@ errors, and backpressure for clients that stop reading. Real model throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -139,6 +140,32 @@ def test_engine_checks_token_ids_itself(llama: Llama) -> None:
     serves_normally(llama)
 
 
+EXTREME_CHAINS = [
+    CompletionOptions(6, temperature=1.0, top_p=0.0, min_p=1.0, typical_p=1e-9, top_k=1, seed=1),
+    CompletionOptions(6, temperature=100.0, samplers=("xtc", "top_n_sigma", "dry", "typical_p"), seed=2),
+    CompletionOptions(6, temperature=1e-9, samplers=("min_p", "top_p"), min_p=1.0, top_p=0.0, seed=3),
+    CompletionOptions(6, repeat_penalty=10.0, presence_penalty=2.0, frequency_penalty=-2.0, penalty_last_n=-1),
+    CompletionOptions(6, temperature=0.7, samplers=("penalties",) * 16, seed=4),
+]
+
+
+@pytest.mark.parametrize("options", EXTREME_CHAINS)
+def test_extreme_sampler_chains_with_most_tokens_banned(llama: Llama, options: CompletionOptions) -> None:
+    # Chains that cut the candidate set hard, on top of a bias that bans all but a few
+    # hundred tokens: each request ends (in a Completion or a clean error), never aborts.
+    n_vocab = llama.model_info().n_vocab
+    banned = {t: -math.inf for t in range(0, min(n_vocab, LIMITS.logit_bias))}
+    for bias in ({}, banned):
+        try:
+            completion = llama.create_completion(PROMPT, dataclasses.replace(options, logit_bias=bias))
+        except InvalidArgumentError as e:
+            assert e.field in ("logit_bias", "samplers")
+        else:
+            assert completion.usage.completion_tokens <= options.max_tokens
+            assert not set(completion.token_ids) & set(bias)
+    serves_normally(llama)
+
+
 # ---- grammar cost ------------------------------------------------------------------------
 def test_grammar_size_and_repetition_limits(llama: Llama) -> None:
     big = alternatives(4000)
@@ -150,6 +177,10 @@ def test_grammar_size_and_repetition_limits(llama: Llama) -> None:
     repeated = "\n".join(f'r{i} ::= "a"{{0,2000}}' for i in range(8)) + "\nroot ::= r0"
     with pytest.raises(InvalidArgumentError, match="repetitions") as exc:
         llama.create_completion(PROMPT, CompletionOptions(4, grammar=repeated))
+    assert exc.value.field == "grammar"
+    # llama.cpp computed n - m unsigned for this and looped practically forever.
+    with pytest.raises(InvalidArgumentError, match="n < m") as exc:
+        llama.create_completion(PROMPT, CompletionOptions(4, grammar='root ::= "a"{3,1}'))
     assert exc.value.field == "grammar"
     # llama.cpp parses groups recursively: this deep a nesting used to overflow its stack.
     with pytest.raises(InvalidArgumentError, match="nest") as exc:
@@ -169,10 +200,11 @@ def test_grammar_too_costly_per_step_is_refused_at_submit(llama: Llama) -> None:
 
 
 def test_grammar_that_becomes_costly_later_is_ended_at_that_step(model_path: str) -> None:
-    # One cheap stack at first, so the probe at submit passes; a thousand after the first
-    # character, which makes each later step cost ~100 ms of CPU here: over the 40 ms bound.
-    sneaky = alternatives(1000, prefix='"§" ')
-    with Llama.load(LlamaParams(model_path, n_ctx=512).with_max_sample_ms(40)) as llama:
+    # One stack until "§§" is out, so the probe at submit stays cheap (~5 ms here: no
+    # token gets past both characters); 2000 stacks after it, which makes each later step
+    # cost ~200 ms of CPU here: far over the 50 ms bound, whatever the machine.
+    sneaky = alternatives(2000, prefix='"§§" ')
+    with Llama.load(LlamaParams(model_path, n_ctx=512).with_max_sample_ms(50)) as llama:
         handle = llama.submit(PROMPT, CompletionOptions(8, grammar=sneaky))
         with pytest.raises(InvalidArgumentError, match="in one step") as exc:
             list(handle.events())
@@ -344,3 +376,20 @@ def test_grpc_client_that_stops_reading_pauses_the_engine(small_buffer: Llama) -
         chunks = [first, *rest[:-1]]
         assert final.token_ids == tuple(t for c in chunks if isinstance(c, Chunk) for t in c.token_ids)
         assert wait_until(lambda: llama.metrics().busy_slots == 0)
+
+
+def test_cancelling_a_stream_whose_writes_wait_counts_as_cancelled(small_buffer: Llama) -> None:
+    # The server is blocked writing to this client when it cancels: grpc fails that write
+    # with its own error, which must count as CANCELLED, not INTERNAL.
+    llama = small_buffer
+    window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+    with start_test_server(llama) as server, grpc.insecure_channel(server.address, options=window) as channel:
+        stub = pb_grpc.LlamaCrabServiceStub(channel)
+        responses = stub.Complete(convert.complete_request_to_proto(PROMPT, CompletionOptions(400, logprobs=20)))
+        next(responses)
+        assert wait_until(lambda: llama.metrics().paused_slots == 1)
+        responses.cancel()
+        assert wait_until(lambda: llama.metrics().busy_slots == 0)
+        labels = {"method": "Complete"}
+        assert wait_until(lambda: server.metrics.value("llama_crab_requests_total", {**labels, "code": "CANCELLED"}) == 1)
+        assert server.metrics.value("llama_crab_requests_total", {**labels, "code": "INTERNAL"}) == 0

@@ -151,6 +151,8 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
             raise
         except aio.AbortError:
             raise  # already reported: `call.code` was set before aborting
+        except _CallGone:
+            call.code = _cancel_code(context)  # nobody to send a status to
         except Exception as e:  # a bug or an engine failure: fail this call only
             call.code = "INTERNAL"
             _log.exception("%s failed", method)
@@ -188,6 +190,9 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
             except LlamaCrabError as e:
                 call.code = e.status
                 raise
+            except _CallGone:
+                call.code = _cancel_code(context)
+                raise
             finally:
                 # Cancelled call, passed deadline, dropped connection or write failure:
                 # stop generating now; the relay closes the handle when the final arrives.
@@ -204,7 +209,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
             if isinstance(event, Completion):
                 if relay.cancelled:  # cancelled by drain: report what the client received
                     event = _delivered(event, progress)
-                await context.write(convert.completion_response_to_proto(event))
+                await _write(context, convert.completion_response_to_proto(event))
                 return
             now = time.monotonic()
             first = progress.first_chunk_at is None
@@ -217,7 +222,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
             progress.last_chunk_at = now
             progress.chunks.append(event)
             # The first chunk carries the prompt length, for clients that stop early.
-            await context.write(convert.chunk_response_to_proto(event, progress.prompt_tokens if first else 0))
+            await _write(context, convert.chunk_response_to_proto(event, progress.prompt_tokens if first else 0))
 
     def _track(self, relay: HandleRelay, call: _Call, progress: _StreamProgress) -> None:
         call.streamed = True
@@ -291,6 +296,20 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         return await self._unary("GetModel", context, lambda llama: convert.model_info_to_proto(llama.model_info()))
+
+
+class _CallGone(Exception):
+    """The client cancelled, its deadline passed or its connection dropped while a write
+    waited: grpc fails that write with its own error, and the call is over."""
+
+
+async def _write(context: Context, message: pb.CompleteResponse) -> None:
+    try:
+        await context.write(message)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # grpc's ExecuteBatchError and kin: the call has ended
+        raise _CallGone(str(e)) from e
 
 
 async def _submit(llama: Llama, prompt: convert.Prompt, options: CompletionOptions) -> CompletionHandle:
