@@ -68,7 +68,9 @@ NB_MODULE(_engine, m) {
         .def_rw("max_grammar_repetitions", &EngineParams::max_grammar_repetitions)
         .def_rw("max_sample_ms", &EngineParams::max_sample_ms)
         .def_rw("max_buffered_bytes", &EngineParams::max_buffered_bytes)
-        .def_rw("slow_reader_timeout_ms", &EngineParams::slow_reader_timeout_ms);
+        .def_rw("slow_reader_timeout_ms", &EngineParams::slow_reader_timeout_ms)
+        .def_rw("cache_prompt", &EngineParams::cache_prompt)
+        .def_rw("cache_ram_bytes", &EngineParams::cache_ram_bytes);
 
     nb::class_<SamplingParams>(m, "SamplingParams")
         .def(nb::init<>())
@@ -88,7 +90,8 @@ NB_MODULE(_engine, m) {
         .def_rw("seed", &SamplingParams::seed)
         .def_rw("logit_bias", &SamplingParams::logit_bias)
         .def_rw("grammar", &SamplingParams::grammar)
-        .def_rw("samplers", &SamplingParams::samplers);
+        .def_rw("samplers", &SamplingParams::samplers)
+        .def_rw("cache_prompt", &SamplingParams::cache_prompt);
 
     nb::class_<TopLogprob>(m, "TopLogprob")
         .def_ro("token_id", &TopLogprob::token_id)
@@ -153,7 +156,14 @@ NB_MODULE(_engine, m) {
         .def_ro("paused_slots", &Metrics::paused_slots)
         .def_ro("pauses_total", &Metrics::pauses_total)
         .def_ro("slow_reader_cancels_total", &Metrics::slow_reader_cancels_total)
-        .def_ro("guarded_failures_total", &Metrics::guarded_failures_total);
+        .def_ro("guarded_failures_total", &Metrics::guarded_failures_total)
+        .def_ro("cache_hit_tokens_total", &Metrics::cache_hit_tokens_total)
+        .def_ro("cache_miss_tokens_total", &Metrics::cache_miss_tokens_total)
+        .def_ro("ram_cache_bytes", &Metrics::ram_cache_bytes)
+        .def_ro("ram_cache_entries", &Metrics::ram_cache_entries)
+        .def_ro("ram_cache_budget", &Metrics::ram_cache_budget)
+        .def_ro("ram_cache_saves_total", &Metrics::ram_cache_saves_total)
+        .def_ro("ram_cache_restores_total", &Metrics::ram_cache_restores_total);
 
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<const EngineParams &>(), "params"_a, nb::call_guard<nb::gil_scoped_release>(),

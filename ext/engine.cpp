@@ -40,8 +40,16 @@ double thread_cpu_ms() {
 
 }  // namespace
 
+// A slot is one llama.cpp sequence. Its KV (and `kv`, the tokens it holds) outlives the
+// requests it serves: that is the prefix cache. The rest is the in-flight request's.
 struct Engine::Slot {
     llama_seq_id seq_id = 0;
+    std::vector<llama_token> kv;  // tokens whose KV the sequence holds, in position order
+    size_t kv_before_batch = 0;   // kv.size() before the batch in flight (rolled back on failure)
+    uint64_t last_used = 0;       // for least-recently-used choices
+    bool needs_prepare = false;   // admitted; its KV is matched to the prompt before the next batch
+    int32_t n_cached = 0;         // prompt tokens the current request reused
+
     std::shared_ptr<Request> req;  // null when free
     size_t n_prompt_done = 0;      // prompt tokens already put into a batch
     llama_pos n_past = 0;          // next position in this sequence
@@ -57,8 +65,11 @@ struct Engine::Slot {
     std::vector<int32_t> chunk_tokens;  // generated but not yet handed out in a chunk
     std::vector<TokenLogprob> chunk_logprobs, all_logprobs;
 
+    // Forget the request; the sequence (seq_id, kv, last_used) stays.
     void reset() {
         req.reset();
+        needs_prepare = false;
+        n_cached = 0;
         n_prompt_done = 0;
         n_past = 0;
         decoding = false;
@@ -101,6 +112,8 @@ Engine::Engine(const EngineParams & params) : params_(params) {
     cp.flash_attn_type = static_cast<llama_flash_attn_type>(params.flash_attn);
     // Separate KV per slot: no cross-talk and no fragmentation between sequences.
     cp.kv_unified = false;
+    // Sliding-window layers normally drop old positions, which a cached prefix needs.
+    cp.swa_full = params.cache_prompt;
     cp.no_perf = true;
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_) {
@@ -116,6 +129,9 @@ Engine::Engine(const EngineParams & params) : params_(params) {
     slots_.resize(static_cast<size_t>(params.n_parallel));
     for (size_t i = 0; i < slots_.size(); ++i) {
         slots_[i].seq_id = static_cast<llama_seq_id>(i);
+    }
+    if (params.cache_prompt && params.cache_ram_bytes > 0) {
+        ram_cache_ = std::make_unique<PromptCache>(static_cast<size_t>(params.cache_ram_bytes));
     }
     thread_ = std::thread(&Engine::run, this);
 }
@@ -321,17 +337,99 @@ void Engine::admit_locked() {
             ++it;
         }
     }
-    for (auto & slot : slots_) {
-        if (queue_.empty()) break;
-        if (slot.req) continue;
-        slot.reset();
-        slot.req = std::move(queue_.front());
+    while (!queue_.empty()) {
+        Slot * slot = pick_slot(*queue_.front());
+        if (!slot) break;
+        slot->reset();
+        slot->req = std::move(queue_.front());
         queue_.pop_front();
-        slot.req->t_admit = Request::clock::now();
-        slot.text = std::make_unique<TextStream>(slot.req->params.stop_sequences);
-        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+        slot->req->t_admit = Request::clock::now();
+        slot->text = std::make_unique<TextStream>(slot->req->params.stop_sequences);
+        slot->needs_prepare = true;  // KV work happens outside the lock (prepare)
+        slot->last_used = ++use_clock_;
         busy_slots_++;
     }
+}
+
+bool Engine::caching(const Request & req) const {
+    return params_.cache_prompt && req.params.cache_prompt;
+}
+
+Engine::Slot * Engine::pick_slot(const Request & req) {
+    // The free slot whose kept tokens share the longest prefix with the prompt; ties and
+    // no match: the least recently used, whose KV is the least likely to be wanted again.
+    Slot * best = nullptr;
+    size_t best_prefix = 0;
+    for (auto & slot : slots_) {
+        if (slot.req) continue;
+        const size_t prefix = caching(req) ? common_prefix(slot.kv, req.prompt) : 0;
+        if (!best || prefix > best_prefix || (prefix == best_prefix && slot.last_used < best->last_used)) {
+            best = &slot;
+            best_prefix = prefix;
+        }
+    }
+    return best;
+}
+
+void Engine::save_to_ram(const Slot & slot) {
+    // Worth keeping only if it is more than a token or two and not already there.
+    if (!ram_cache_ || slot.kv.size() < 8 || ram_cache_->covers(slot.kv)) return;
+    const size_t size = llama_state_seq_get_size(ctx_, slot.seq_id);
+    if (size == 0 || size > ram_cache_->budget()) return;
+    std::vector<uint8_t> state(size);
+    if (llama_state_seq_get_data(ctx_, state.data(), size, slot.seq_id) != size) return;
+    ram_cache_->put(slot.kv, std::move(state));
+    ram_cache_saves_total_++;
+}
+
+bool Engine::restore_from_ram(Slot & slot, const std::vector<uint8_t> & state) {
+    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+    if (llama_state_seq_set_data(ctx_, state.data(), state.size(), slot.seq_id) == 0) {
+        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+        slot.kv.clear();
+        return false;
+    }
+    ram_cache_restores_total_++;
+    return true;
+}
+
+void Engine::prepare(Slot & slot) {
+    // Match the slot's KV to the new prompt: keep the common prefix (from the slot, or a
+    // longer one from the RAM cache), drop the rest, prefill only what follows. At least
+    // the last prompt token is evaluated again: its logits give the first sampled token.
+    slot.needs_prepare = false;
+    const auto & prompt = slot.req->prompt;
+    llama_memory_t mem = llama_get_memory(ctx_);
+    size_t keep = 0;
+    if (caching(*slot.req)) {
+        keep = common_prefix(slot.kv, prompt);
+        size_t ram_prefix = 0;
+        if (ram_cache_ && ram_cache_->best(prompt, ram_prefix) && ram_prefix > keep) {
+            save_to_ram(slot);  // may evict entries: look again afterwards
+            const PromptCache::Entry * entry = ram_cache_->best(prompt, ram_prefix);
+            if (entry && ram_prefix > keep) {
+                std::vector<llama_token> tokens = entry->tokens;
+                keep = restore_from_ram(slot, entry->state) ? ram_prefix : 0;
+                if (keep) slot.kv = std::move(tokens);
+            }
+        } else if (slot.kv.size() > keep) {
+            save_to_ram(slot);  // about to be overwritten
+        }
+    } else {
+        save_to_ram(slot);
+    }
+    keep = std::min(keep, prompt.size() - 1);
+    if (!llama_memory_seq_rm(mem, slot.seq_id, static_cast<llama_pos>(keep), -1)) {
+        // This memory cannot drop a partial sequence (e.g. recurrent state): start cold.
+        llama_memory_seq_rm(mem, slot.seq_id, -1, -1);
+        keep = 0;
+    }
+    slot.kv.resize(keep);
+    slot.n_past = static_cast<llama_pos>(keep);
+    slot.n_prompt_done = keep;
+    slot.n_cached = static_cast<int32_t>(keep);
+    cache_hit_tokens_total_ += keep;
+    cache_miss_tokens_total_ += prompt.size() - keep;
 }
 
 bool Engine::abort_callback(void * data) {
@@ -370,6 +468,8 @@ bool Engine::build_batch() {
             slot.paused = false;
             paused_slots_--;
         }
+        slot.kv_before_batch = slot.kv.size();
+        slot.kv.push_back(slot.next_token);
         batch_add(batch_, slot.next_token, slot.n_past++, slot.seq_id, true);
         slot.i_batch = batch_.n_tokens - 1;
         slot.in_batch = true;
@@ -387,8 +487,11 @@ bool Engine::build_batch() {
         const auto & prompt = slot->req->prompt;
         const size_t n = std::min(static_cast<size_t>(budget), prompt.size() - slot->n_prompt_done);
         const bool last_piece = slot->n_prompt_done + n == prompt.size();
+        slot->kv_before_batch = slot->kv.size();
         for (size_t i = 0; i < n; ++i) {
-            batch_add(batch_, prompt[slot->n_prompt_done + i], slot->n_past++, slot->seq_id, last_piece && i + 1 == n);
+            const llama_token token = prompt[slot->n_prompt_done + i];
+            slot->kv.push_back(token);
+            batch_add(batch_, token, slot->n_past++, slot->seq_id, last_piece && i + 1 == n);
         }
         slot->n_prompt_done += n;
         slot->i_batch = last_piece ? batch_.n_tokens - 1 : -1;
@@ -495,8 +598,14 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     completion_tokens_total_ += slot.generated.size();
     // Free the slot and its KV at once so the next request can start; do it before the
     // final event goes out so a caller that sees it also sees the slot free.
+    ev.cached_tokens = slot.n_cached;
     std::shared_ptr<Request> owner = std::move(slot.req);
-    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+    if (!params_.cache_prompt || !error.empty()) {
+        // Without the cache (or after a failure) the sequence is cleared for the next one.
+        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
+        slot.kv.clear();
+    }
+    slot.last_used = ++use_clock_;
     if (slot.paused) paused_slots_--;
     slot.reset();
     busy_slots_--;
@@ -584,7 +693,7 @@ void Engine::fail_batch(const std::string & error) {
     for (auto & slot : slots_) {
         if (!slot.req || !slot.in_batch) continue;
         slot.in_batch = false;
-        finish(slot, StopReason::CANCELLED, "", error);
+        finish(slot, StopReason::CANCELLED, "", error);  // clears the sequence: its KV is unknown
     }
 }
 
@@ -603,6 +712,8 @@ void Engine::run() {
         for (auto & slot : slots_) {
             if (slot.req && (slot.req->cancelled() || stop_)) {
                 finish(slot, StopReason::CANCELLED);
+            } else if (slot.req && slot.needs_prepare) {
+                prepare(slot);
             }
         }
         cancel_slow_readers();
@@ -620,8 +731,14 @@ void Engine::run() {
             after_decode();
         } else if (ret == 2) {
             // Aborted because every sequence in the batch was cancelled: the loop's
-            // cancellation pass finishes them; drop their partial KV now.
-            for (auto & slot : slots_) slot.in_batch = false;
+            // cancellation pass finishes them. What this batch added to their KV is
+            // dropped, so what the slots keep is exactly what was decoded before.
+            for (auto & slot : slots_) {
+                if (!slot.in_batch) continue;
+                slot.in_batch = false;
+                slot.kv.resize(slot.kv_before_batch);
+                llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, static_cast<llama_pos>(slot.kv.size()), -1);
+            }
         } else {
             fail_batch("llama_decode failed (status " + std::to_string(ret) + ")");
         }
@@ -691,6 +808,15 @@ Metrics Engine::metrics() const {
     m.pauses_total = pauses_total_.load();
     m.slow_reader_cancels_total = slow_reader_cancels_total_.load();
     m.guarded_failures_total = guarded_failures_total_.load();
+    m.cache_hit_tokens_total = cache_hit_tokens_total_.load();
+    m.cache_miss_tokens_total = cache_miss_tokens_total_.load();
+    m.ram_cache_saves_total = ram_cache_saves_total_.load();
+    m.ram_cache_restores_total = ram_cache_restores_total_.load();
+    if (ram_cache_) {
+        m.ram_cache_bytes = ram_cache_->bytes();
+        m.ram_cache_entries = ram_cache_->entries();
+        m.ram_cache_budget = ram_cache_->budget();
+    }
     m.requests_total = requests_total_.load();
     m.prompt_tokens_total = prompt_tokens_total_.load();
     m.completion_tokens_total = completion_tokens_total_.load();

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "llama.h"
+#include "prompt_cache.h"
 #include "request.h"
 
 namespace llama_crab {
@@ -50,6 +51,12 @@ struct EngineParams {
     uint32_t max_buffered_bytes = 256 * 1024;
     // A sequence paused this long is cancelled (0: at once, i.e. never pause; < 0: never).
     int32_t slow_reader_timeout_ms = 120000;
+
+    // Prefix cache: a finished sequence keeps its tokens and KV; a new request takes the
+    // free slot sharing the longest prefix with its prompt and prefills only the rest.
+    bool cache_prompt = true;
+    // Host-RAM cache of evicted sequence states, in bytes (0: off).
+    uint64_t cache_ram_bytes = 512ull << 20;
 };
 
 struct ModelInfo {
@@ -63,6 +70,10 @@ struct Metrics {
     int32_t n_slots = 0, busy_slots = 0, queue_depth = 0, paused_slots = 0;
     uint64_t requests_total = 0, prompt_tokens_total = 0, completion_tokens_total = 0, decode_steps_total = 0;
     uint64_t pauses_total = 0, slow_reader_cancels_total = 0, guarded_failures_total = 0;
+    // Prompt tokens reused from a slot or the RAM cache, and prompt tokens computed.
+    uint64_t cache_hit_tokens_total = 0, cache_miss_tokens_total = 0;
+    uint64_t ram_cache_bytes = 0, ram_cache_entries = 0, ram_cache_budget = 0;
+    uint64_t ram_cache_saves_total = 0, ram_cache_restores_total = 0;
 };
 
 struct ModelLoadError : std::runtime_error { using std::runtime_error::runtime_error; };
@@ -104,6 +115,11 @@ private:
     void finish(Slot & slot, StopReason reason, const std::string & stop_sequence = "", const std::string & error = "",
                 const std::string & error_field = "");
     bool backlogged(const Slot & slot) const;
+    Slot * pick_slot(const Request & req);
+    void prepare(Slot & slot);
+    void save_to_ram(const Slot & slot);
+    bool restore_from_ram(Slot & slot, const std::vector<uint8_t> & state);
+    bool caching(const Request & req) const;
     void cancel_slow_readers();
     void validate(const std::vector<llama_token> & prompt, const SamplingParams & params) const;
     void fail_batch(const std::string & error);
@@ -130,6 +146,10 @@ private:
     uint64_t next_id_ = 1;
     std::atomic<int32_t> busy_slots_{0}, paused_slots_{0};
     std::atomic<uint64_t> pauses_total_{0}, slow_reader_cancels_total_{0}, guarded_failures_total_{0};
+    std::atomic<uint64_t> cache_hit_tokens_total_{0}, cache_miss_tokens_total_{0};
+    std::atomic<uint64_t> ram_cache_saves_total_{0}, ram_cache_restores_total_{0};
+    std::unique_ptr<PromptCache> ram_cache_;
+    uint64_t use_clock_ = 0;  // orders slot use for least-recently-used choices
     std::atomic<uint64_t> requests_total_{0}, prompt_tokens_total_{0}, completion_tokens_total_{0}, decode_steps_total_{0};
     std::thread thread_;
 };

@@ -38,6 +38,7 @@ struct SamplingParams {
     std::vector<std::pair<int32_t, float>> logit_bias;
     std::string grammar;
     std::vector<std::string> samplers;  // empty: llama.cpp common's default order
+    bool cache_prompt = true;           // reuse a cached prefix of the prompt (if the engine caches)
 };
 
 struct TopLogprob {

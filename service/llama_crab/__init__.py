@@ -30,6 +30,8 @@ from llama_crab_client.types import (
     Usage,
 )
 
+from llama_crab_client.session import Session
+
 from .llama import CompletionHandle, CompletionStream, EngineMetrics, Llama
 from .params import LlamaParams
 
@@ -48,6 +50,7 @@ __all__ = [
     "LlamaParams",
     "ModelInfo",
     "ResourceExhaustedError",
+    "Session",
     "StopReason",
     "StreamControl",
     "Timings",

@@ -18,6 +18,7 @@ from llama_crab_client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from llama_crab_client.session import Session
 from llama_crab_client.types import (
     LIMITS,
     Chunk,
@@ -113,6 +114,14 @@ class EngineMetrics:
         self.pauses_total: int = native.pauses_total
         self.slow_reader_cancels_total: int = native.slow_reader_cancels_total
         self.guarded_failures_total: int = native.guarded_failures_total
+        # Prefix cache: prompt tokens reused vs computed, and the host-RAM cache.
+        self.cache_hit_tokens_total: int = native.cache_hit_tokens_total
+        self.cache_miss_tokens_total: int = native.cache_miss_tokens_total
+        self.ram_cache_bytes: int = native.ram_cache_bytes
+        self.ram_cache_entries: int = native.ram_cache_entries
+        self.ram_cache_budget: int = native.ram_cache_budget
+        self.ram_cache_saves_total: int = native.ram_cache_saves_total
+        self.ram_cache_restores_total: int = native.ram_cache_restores_total
 
 
 class CompletionHandle:
@@ -290,6 +299,8 @@ class Llama:
         native.max_sample_ms = params.max_sample_ms
         native.max_buffered_bytes = params.max_buffered_bytes
         native.slow_reader_timeout_ms = -1 if params.slow_reader_timeout is None else int(params.slow_reader_timeout * 1000)
+        native.cache_prompt = params.cache_prompt
+        native.cache_ram_bytes = params.cache_ram_mib << 20
         try:
             engine = _engine.Engine(native)
         except _engine.ModelLoadError as e:
@@ -400,6 +411,7 @@ class Llama:
         sp.logit_bias = [(int(k), float(v)) for k, v in options.logit_bias.items()]
         sp.grammar = options.grammar or ""
         sp.samplers = list(options.samplers) if options.samplers is not None else []
+        sp.cache_prompt = options.cache_prompt
         try:
             return CompletionHandle(self._engine.submit(tokens, sp))
         except _engine.InvalidGrammarError as e:
@@ -440,6 +452,11 @@ class Llama:
             raise
         assert stream.completion is not None
         return stream.completion
+
+    def session(self, tokens: Sequence[int] = ()) -> Session:
+        """A token history continued across calls (`Session`): each turn's prompt is the
+        history plus the new text, and the prefix cache prefills only the new tokens."""
+        return Session(self, tokens)
 
     def create_completion(self, prompt: Prompt, options: Optional[CompletionOptions] = None) -> Completion:
         """Generate to the end and return the Completion."""

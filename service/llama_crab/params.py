@@ -42,6 +42,10 @@ class LlamaParams:
     # (0: cancel instead of pausing; None: pause for as long as it takes).
     max_buffered_bytes: int = 256 * 1024
     slow_reader_timeout: Optional[float] = 120.0
+    # Prefix cache: a request reuses the KV of the longest matching prefix a slot (or the
+    # host-RAM cache, `cache_ram_mib` of it; 0 = off) holds, and prefills only the rest.
+    cache_prompt: bool = True
+    cache_ram_mib: int = 512
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", os.fspath(self.model_path))
@@ -88,6 +92,11 @@ class LlamaParams:
     def with_max_sample_ms(self, max_sample_ms: float) -> LlamaParams:
         return self._with(max_sample_ms=max_sample_ms)
 
+    def with_cache_prompt(self, cache_prompt: bool, cache_ram_mib: Optional[int] = None) -> LlamaParams:
+        if cache_ram_mib is None:
+            return self._with(cache_prompt=cache_prompt)
+        return self._with(cache_prompt=cache_prompt, cache_ram_mib=cache_ram_mib)
+
     def with_backpressure(self, max_buffered_bytes: int, slow_reader_timeout: Optional[float] = 120.0) -> LlamaParams:
         return self._with(max_buffered_bytes=max_buffered_bytes, slow_reader_timeout=slow_reader_timeout)
 
@@ -102,6 +111,10 @@ class LlamaParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 out.append((name, "must be None or an integer >= 1"))
+        if not isinstance(self.cache_prompt, bool):
+            out.append(("cache_prompt", "must be True or False"))
+        if not isinstance(self.cache_ram_mib, int) or isinstance(self.cache_ram_mib, bool) or not 0 <= self.cache_ram_mib < 2**22:
+            out.append(("cache_ram_mib", "must be an integer >= 0 (0 = off)"))
         for name in ("max_queue", "max_grammar_bytes", "max_buffered_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:

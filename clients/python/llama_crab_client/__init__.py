@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .aio import AsyncClient, AsyncRemoteCompletionStream
 from .client import Client, RemoteCompletionStream
+from .session import Session
 from .errors import (
     DeadlineExceededError,
     InternalError,
@@ -55,6 +56,7 @@ __all__ = [
     "PermissionDeniedError",
     "RemoteCompletionStream",
     "ResourceExhaustedError",
+    "Session",
     "StopReason",
     "StreamControl",
     "Timings",

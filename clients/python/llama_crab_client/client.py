@@ -23,6 +23,7 @@ from .calls import Prompt, complete_call, detokenize_request, tokenize_request
 from .channel import ClientBase
 from .errors import InternalError
 from .status import from_rpc_error
+from .session import Session
 from .types import (
     Chunk,
     Completion,
@@ -236,6 +237,11 @@ class Client(ClientBase):
     def model_info(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
         reply: pb.GetModelResponse = self._unary(self._stub.GetModel, pb.GetModelRequest(), timeout, request_id)
         return convert.model_info_from_proto(reply)
+
+    def session(self, tokens: Sequence[int] = ()) -> Session:
+        """A token history continued across calls (`Session`); the server's prefix cache
+        makes each turn prefill only its new tokens. No server-side state is kept."""
+        return Session(self, tokens)
 
     def model(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
         """Alias of `model_info()`."""

@@ -76,6 +76,8 @@ def options_to_proto(o: CompletionOptions) -> pb.CompletionOptions:
         msg.seed = o.seed
     if o.grammar is not None:
         msg.grammar = o.grammar
+    if not o.cache_prompt:
+        msg.cache_prompt = False
     return msg
 
 
@@ -98,6 +100,7 @@ def options_from_proto(m: pb.CompletionOptions) -> CompletionOptions:
         logit_bias=dict(m.logit_bias),
         grammar=m.grammar if m.HasField("grammar") else None,
         samplers=tuple(m.samplers) if m.samplers else None,
+        cache_prompt=m.cache_prompt if m.HasField("cache_prompt") else d.cache_prompt,
     )
 
 

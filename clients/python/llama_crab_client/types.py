@@ -255,6 +255,9 @@ class CompletionOptions:
     grammar: Optional[str] = None
     # An explicit ordered sampler chain (names from SAMPLER_NAMES); None = llama.cpp's default order.
     samplers: Optional[tuple[str, ...]] = None
+    # Reuse the KV of a cached prefix of the prompt (the server's prefix cache); False
+    # computes the whole prompt afresh. Never changes what is generated, only how fast.
+    cache_prompt: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists and other sequences but store tuples so options stay hashable-ish and immutable.
@@ -324,6 +327,9 @@ class CompletionOptions:
     def with_samplers(self, samplers: Sequence[str]) -> CompletionOptions:
         return self._with(samplers=tuple(samplers))
 
+    def with_cache_prompt(self, cache_prompt: bool) -> CompletionOptions:
+        return self._with(cache_prompt=cache_prompt)
+
     # ---- validation -----------------------------------------------------------------
     def violations(self, n_vocab: Optional[int] = None) -> list[FieldViolation]:
         """Every invalid field, checked without a model (grammar syntax is checked by the engine)."""
@@ -374,6 +380,8 @@ class CompletionOptions:
                     bad("logit_bias", f"bias for token {token} must be a number or -inf")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             bad("grammar", "must be a non-empty GBNF grammar")
+        if not isinstance(self.cache_prompt, bool):
+            bad("cache_prompt", "must be True or False")
         if self.samplers is not None:
             if len(self.samplers) == 0:
                 bad("samplers", "must name at least one sampler (or be None for the default chain)")

@@ -222,6 +222,8 @@ def load_llama(config: ServeConfig) -> Llama:
         max_sample_ms=config.max_sample_ms,
         max_buffered_bytes=config.stream_buffer_kib * 1024,
         slow_reader_timeout=None if config.slow_reader_timeout < 0 else config.slow_reader_timeout,
+        cache_prompt=config.cache_prompt,
+        cache_ram_mib=config.cache_ram,
     )
     return Llama.load(params)
 

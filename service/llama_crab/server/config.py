@@ -38,6 +38,9 @@ class ServeConfig:
     max_sample_ms: float = 100.0
     stream_buffer_kib: int = 256
     slow_reader_timeout: float = 120.0  # < 0: never
+    # prefix cache (see LlamaParams)
+    cache_prompt: bool = True
+    cache_ram: int = 512
     # network
     host: str = "127.0.0.1"
     port: int = 50051
@@ -87,6 +90,7 @@ class ServeConfig:
             "max_grammar_bytes",
             "max_sample_ms",
             "stream_buffer_kib",
+            "cache_ram",
         ):
             at_least(name, 0)
 
@@ -179,6 +183,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("n_batch", int, "N", "prompt tokens decoded per step"),
     Option("threads", _optional_int, "N", "CPU threads for decoding and prompt processing", unset="every core"),
     Option("n_gpu_layers", int, "N", "layers offloaded to a GPU build's device (-1 = all)"),
+    Option(
+        "cache_prompt",
+        _bool,
+        "BOOL",
+        "prefix cache: a request reuses the KV of the longest prompt prefix a slot holds (true/false)",
+    ),
+    Option(
+        "cache_ram",
+        int,
+        "MIB",
+        "host-RAM cache of evicted prompt prefixes (KV), restored when a later prompt shares them (0 = off)",
+    ),
     Option("max_grammar_bytes", int, "BYTES", "largest GBNF grammar a request may carry (0 = no limit)"),
     Option(
         "max_sample_ms",

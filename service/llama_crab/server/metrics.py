@@ -52,6 +52,23 @@ class _EngineCollector(Collector):
             value=snapshot.slow_reader_cancels_total,
         )
         yield CounterMetricFamily(
+            f"{_NS}_cache_hit_tokens", "Prompt tokens reused from the prefix cache", value=snapshot.cache_hit_tokens_total
+        )
+        yield CounterMetricFamily(
+            f"{_NS}_cache_miss_tokens", "Prompt tokens computed (not cached)", value=snapshot.cache_miss_tokens_total
+        )
+        yield GaugeMetricFamily(
+            f"{_NS}_ram_cache_bytes", "Bytes held by the host-RAM prompt cache", value=snapshot.ram_cache_bytes
+        )
+        yield GaugeMetricFamily(
+            f"{_NS}_ram_cache_entries", "Prompt prefixes held by the host-RAM cache", value=snapshot.ram_cache_entries
+        )
+        yield CounterMetricFamily(
+            f"{_NS}_ram_cache_restores",
+            "Prefixes restored from the host-RAM cache into a slot",
+            value=snapshot.ram_cache_restores_total,
+        )
+        yield CounterMetricFamily(
             f"{_NS}_guarded_failures",
             "Streams ended because their request left no token allowed or cost over --max-sample-ms per step",
             value=snapshot.guarded_failures_total,
