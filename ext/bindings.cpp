@@ -177,7 +177,28 @@ NB_MODULE(_engine, m) {
         .def("n_vocab", &Engine::n_vocab)
         .def("n_ctx_per_slot", &Engine::n_ctx_per_slot)
         .def("model_info", &Engine::model_info, nb::call_guard<nb::gil_scoped_release>())
-        .def("metrics", &Engine::metrics, nb::call_guard<nb::gil_scoped_release>());
+        .def("metrics", &Engine::metrics, nb::call_guard<nb::gil_scoped_release>())
+        .def(
+            "sequence_state",
+            [](Engine & e, const std::vector<llama_token> & tokens) {
+                std::vector<llama_token> state_tokens;
+                std::vector<uint8_t> state;
+                {
+                    nb::gil_scoped_release release;
+                    state = e.sequence_state(tokens, state_tokens);
+                }
+                return std::make_pair(state_tokens, nb::bytes(reinterpret_cast<const char *>(state.data()), state.size()));
+            },
+            "tokens"_a, "(tokens the state covers, llama.cpp sequence state bytes) for the longest held prefix of tokens.")
+        .def(
+            "add_sequence_state",
+            [](Engine & e, const std::vector<llama_token> & tokens, nb::bytes state) {
+                std::vector<uint8_t> data(reinterpret_cast<const uint8_t *>(state.c_str()),
+                                          reinterpret_cast<const uint8_t *>(state.c_str()) + state.size());
+                nb::gil_scoped_release release;
+                e.add_sequence_state(tokens, data);
+            },
+            "tokens"_a, "state"_a, "Restore a saved sequence state into a free slot and the RAM cache.");
 
     // The chunking rules on their own, so tests can feed exact byte sequences.
     nb::class_<TextStream>(m, "TextStream")

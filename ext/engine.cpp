@@ -703,12 +703,17 @@ void Engine::run() {
             std::unique_lock<std::mutex> lock(mu_);
             admit_locked();
             const bool any_active = std::any_of(slots_.begin(), slots_.end(), [](const Slot & s) { return s.req != nullptr; });
-            if (!any_active) {
-                if (stop_) return;
-                cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+            if (!any_active && tasks_.empty()) {
+                if (stop_) {
+                    for (auto & task : tasks_) task->done.set_exception(std::make_exception_ptr(EngineClosedError("the engine is closed")));
+                    tasks_.clear();
+                    return;
+                }
+                cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !tasks_.empty(); });
                 continue;
             }
         }
+        run_tasks();
         for (auto & slot : slots_) {
             if (slot.req && (slot.req->cancelled() || stop_)) {
                 finish(slot, StopReason::CANCELLED);
@@ -743,6 +748,97 @@ void Engine::run() {
             fail_batch("llama_decode failed (status " + std::to_string(ret) + ")");
         }
     }
+}
+
+void Engine::call_on_scheduler(std::function<void()> fn) {
+    auto task = std::make_shared<Task>();
+    task->fn = std::move(fn);
+    std::future<void> done = task->done.get_future();
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (closing_) throw EngineClosedError("the engine is closed");
+        tasks_.push_back(task);
+    }
+    cv_.notify_all();
+    done.get();
+}
+
+void Engine::run_tasks() {
+    std::deque<std::shared_ptr<Task>> tasks;
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        tasks.swap(tasks_);
+    }
+    for (auto & task : tasks) {
+        try {
+            task->fn();
+            task->done.set_value();
+        } catch (...) {
+            task->done.set_exception(std::current_exception());
+        }
+    }
+}
+
+std::vector<uint8_t> Engine::sequence_state(const std::vector<llama_token> & tokens,
+                                            std::vector<llama_token> & state_tokens) {
+    std::vector<uint8_t> state;
+    call_on_scheduler([&] {
+        const Slot * best = nullptr;
+        size_t best_prefix = 0;
+        for (const auto & slot : slots_) {
+            const size_t prefix = slot.req ? 0 : common_prefix(slot.kv, tokens);
+            if (prefix > best_prefix) {
+                best = &slot;
+                best_prefix = prefix;
+            }
+        }
+        size_t ram_prefix = 0;
+        const PromptCache::Entry * entry = ram_cache_ ? ram_cache_->best(tokens, ram_prefix) : nullptr;
+        if (entry && ram_prefix > best_prefix) {
+            state = entry->state;
+            state_tokens = entry->tokens;
+        } else if (best) {
+            state.resize(llama_state_seq_get_size(ctx_, best->seq_id));
+            if (llama_state_seq_get_data(ctx_, state.data(), state.size(), best->seq_id) != state.size()) {
+                throw std::runtime_error("cannot read the sequence's state");
+            }
+            state_tokens = best->kv;
+        }
+    });
+    return state;
+}
+
+void Engine::add_sequence_state(const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state) {
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= n_vocab_) throw std::invalid_argument("tokens: id " + std::to_string(t) + " is not in the vocabulary");
+    }
+    if (static_cast<int32_t>(tokens.size()) > n_ctx_seq_) {
+        throw std::invalid_argument("tokens: more than a sequence's context holds");
+    }
+    call_on_scheduler([&] {
+        Slot * slot = nullptr;
+        for (auto & s : slots_) {
+            if (!s.req && (!slot || s.last_used < slot->last_used)) slot = &s;
+        }
+        if (slot) {
+            // Restoring checks the state against this context (llama.cpp refuses a state of
+            // another shape); a refused one leaves the slot empty.
+            save_to_ram(*slot);
+            if (!restore_from_ram(*slot, state)) {
+                throw std::invalid_argument("state: llama.cpp refused it (corrupt, or saved with another model)");
+            }
+            const llama_pos pos_max = llama_memory_seq_pos_max(llama_get_memory(ctx_), slot->seq_id);
+            if (pos_max + 1 != static_cast<llama_pos>(tokens.size())) {
+                llama_memory_seq_rm(llama_get_memory(ctx_), slot->seq_id, -1, -1);
+                slot->kv.clear();
+                throw std::invalid_argument("state: holds " + std::to_string(pos_max + 1) + " positions, its tokens " +
+                                            std::to_string(tokens.size()));
+            }
+            slot->kv = tokens;
+            slot->last_used = ++use_clock_;
+        }
+        if (ram_cache_) ram_cache_->put(tokens, state);
+    });
 }
 
 void Engine::ensure_open() const {

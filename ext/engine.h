@@ -12,6 +12,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -103,11 +105,24 @@ public:
     ModelInfo model_info() const;
     Metrics metrics() const;
 
+    // Sessions. The KV state of the longest prefix of `tokens` that a free slot or the RAM
+    // cache holds (llama_state_seq_get_data bytes), and in `state_tokens` the tokens it
+    // covers; empty when nothing is held. Blocks until the scheduler thread answers.
+    std::vector<uint8_t> sequence_state(const std::vector<llama_token> & tokens,
+                                        std::vector<llama_token> & state_tokens);
+    // Put a saved state back: restored into the least recently used free slot (which
+    // checks it; throws std::invalid_argument if llama.cpp refuses it) and kept in the RAM
+    // cache, so the session's next request finds its prefix.
+    void add_sequence_state(const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state);
+
 private:
     struct Slot;
 
     void run();
     void admit_locked();
+    // Run `fn` on the scheduler thread between steps (it owns the context); rethrows.
+    void call_on_scheduler(std::function<void()> fn);
+    void run_tasks();
     bool build_batch();
     void after_decode();
     void sample_slot(Slot & slot);
@@ -141,6 +156,11 @@ private:
     mutable std::mutex mu_;  // guards queue_, closing_, metrics counters read by callers
     std::condition_variable cv_;
     std::deque<std::shared_ptr<Request>> queue_;
+    struct Task {
+        std::function<void()> fn;
+        std::promise<void> done;
+    };
+    std::deque<std::shared_ptr<Task>> tasks_;  // guarded by mu_
     bool closing_ = false;
     std::atomic<bool> stop_{false};
     uint64_t next_id_ = 1;

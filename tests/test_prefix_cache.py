@@ -4,8 +4,10 @@ what a cold run generates."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +170,95 @@ def test_a_session_equals_sending_the_whole_history(cached: Llama) -> None:
     assert second.usage.prompt_tokens == len(history)
     cold = cached.create_completion(history, CompletionOptions(6, cache_prompt=False))
     same_or_near_tie(cached, history, cold, second)
+
+
+def test_session_save_and_load_round_trip(cached: Llama, model_path: str, tmp_path: Path) -> None:
+    session = cached.session()
+    session.create_completion(long_text("tea", 10), CompletionOptions(8))
+    session.create_completion(" And then?", CompletionOptions(8))
+    path = tmp_path / "tea.session"
+    session.save(str(path))
+    expected = session.create_completion(" Finally:", CompletionOptions(8, cache_prompt=False))
+    # A fresh engine (as many slots: llama.cpp's state records the layout): the state
+    # comes from the file, not from a slot.
+    with Llama.load(LlamaParams(model_path, n_ctx=4096, n_parallel=SLOTS)) as other:
+        restored = other.load_session(path)
+        assert restored.tokens == session.tokens[: len(restored.tokens)]
+        assert other.metrics().ram_cache_entries == 1
+        held = len(restored.tokens)
+        again = restored.create_completion(" Finally:", CompletionOptions(8))
+        assert again.usage.cached_tokens >= held - 1
+        history = restored.tokens[: again.usage.prompt_tokens]
+        same_or_near_tie(other, history, expected, again)
+
+
+def test_a_session_file_from_another_model_or_damaged_is_refused(cached: Llama, tmp_path: Path) -> None:
+    from llama_crab import InvalidArgumentError
+    from llama_crab.session_file import MAGIC
+
+    session = cached.session()
+    session.create_completion("Hello there", CompletionOptions(4))
+    path = tmp_path / "s.session"
+    session.save(str(path))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[len(MAGIC) : len(MAGIC) + 4], "little")
+    header = json.loads(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
+    header["model"]["name"] = "some-other-model"
+    forged = json.dumps(header).encode()
+    (tmp_path / "other.session").write_bytes(MAGIC + len(forged).to_bytes(4, "little") + forged + raw[len(MAGIC) + 4 + n :])
+    with pytest.raises(InvalidArgumentError, match="some-other-model") as exc:
+        cached.load_session(tmp_path / "other.session")
+    assert exc.value.field == "session"
+    # A damaged state (same header, truncated KV bytes) is refused, not loaded or fatal.
+    (tmp_path / "cut.session").write_bytes(raw[: len(raw) - 1000])
+    with pytest.raises(InvalidArgumentError) as exc:
+        cached.load_session(tmp_path / "cut.session")
+    assert exc.value.field == "session"
+    (tmp_path / "junk.session").write_bytes(b"not a session at all")
+    with pytest.raises(InvalidArgumentError, match="not a llama-crab session"):
+        cached.load_session(tmp_path / "junk.session")
+    assert cached.create_completion("Hello there", CompletionOptions(4)).usage.completion_tokens == 4
+
+
+def test_a_grpc_session_hits_the_servers_cache(cached: Llama) -> None:
+    from llama_crab.server.testing import start_test_server
+    from llama_crab_client import Client
+
+    with start_test_server(cached) as server, Client(server.address) as client:
+        session = client.session()
+        first = session.create_completion(long_text("kites", 12), CompletionOptions(6))
+        second = session.create_completion(" What else?", CompletionOptions(6))
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens + len(first.token_ids) - 1
+        assert session.tokens[-len(second.token_ids) :] == list(second.token_ids)
+        with pytest.raises(TypeError):
+            session.save("nowhere")
+
+
+def test_a_session_file_loads_into_another_slot_layout_without_its_kv(cached: Llama, model_path: str, tmp_path: Path) -> None:
+    session = cached.session()
+    session.create_completion(long_text("salt", 6), CompletionOptions(4))
+    session.save(str(tmp_path / "salt.session"))
+    with Llama.load(LlamaParams(model_path, n_ctx=2048, n_parallel=2)) as other:
+        restored = other.load_session(tmp_path / "salt.session")
+        assert restored.tokens == session.tokens
+        nxt = restored.create_completion(" More:", CompletionOptions(4))
+        assert nxt.usage.cached_tokens < 10  # recomputed once, correctly
+        assert nxt.usage.prompt_tokens == len(session.tokens) + len(other.tokenize(" More:", add_special=False))
+
+
+def test_an_asyncio_session_hits_the_servers_cache(cached: Llama) -> None:
+    import asyncio
+
+    from llama_crab.server.testing import start_test_server
+    from llama_crab_client import AsyncClient
+
+    async def turns(address: str) -> tuple[Completion, Completion]:
+        async with AsyncClient(address) as client:
+            session = client.session()
+            first = await session.create_completion(long_text("lanterns", 12), CompletionOptions(6))
+            second = await session.create_completion_stream(" Next?", CompletionOptions(6), lambda chunk: None)
+            return first, second
+
+    with start_test_server(cached) as server:
+        first, second = asyncio.run(turns(server.address))
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens + len(first.token_ids) - 1

@@ -39,6 +39,7 @@ from llama_crab_client.types import (
 from . import _engine
 from .logs import install_llama_log_bridge
 from .params import LlamaParams
+from .session_file import SessionFile, model_identity, read_session_file, write_session_file
 
 __all__ = ["CompletionHandle", "CompletionStream", "EngineMetrics", "Event", "Llama"]
 
@@ -452,6 +453,39 @@ class Llama:
             raise
         assert stream.completion is not None
         return stream.completion
+
+    def save_session(self, tokens: Sequence[int], path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write `tokens` and the KV state this engine holds for them (a free slot's, or the
+        RAM cache's) to `path`; `Session.save` calls this. Written aside and renamed."""
+        self._check_open()
+        state_tokens, state = self._engine.sequence_state(list(tokens))
+        info = self.model_info()
+        saved = SessionFile(list(tokens), list(state_tokens), bytes(state), info.n_slots)
+        write_session_file(os.fspath(path), model_identity(info), saved)
+
+    def load_session(self, path: Union[str, "os.PathLike[str]"]) -> Session:
+        """A `Session` continuing the history saved at `path`, its KV state put back so the
+        next turn prefills only new tokens. InvalidArgumentError (field `session`) for a
+        file that is not one, is damaged, or was saved with another model."""
+        self._check_open()
+        info = self.model_info()
+        saved = read_session_file(os.fspath(path), model_identity(info))
+        self._check_tokens(saved.tokens, "session")
+        if saved.state and saved.n_slots != info.n_slots:
+            # Same model, another slot layout: the history is good, its KV is not usable
+            # here, so the next turn computes the whole history once.
+            _log.warning(
+                "session %s was saved with %d slots, this engine has %d: its KV is recomputed",
+                os.fspath(path),
+                saved.n_slots,
+                info.n_slots,
+            )
+        elif saved.state:
+            try:
+                self._engine.add_sequence_state(saved.state_tokens, saved.state)
+            except ValueError as e:
+                raise InvalidArgumentError.for_field("session", f"{os.fspath(path)!r}: {e}") from None
+        return Session(self, saved.tokens)
 
     def session(self, tokens: Sequence[int] = ()) -> Session:
         """A token history continued across calls (`Session`): each turn's prompt is the

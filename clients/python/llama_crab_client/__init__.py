@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .aio import AsyncClient, AsyncRemoteCompletionStream
 from .client import Client, RemoteCompletionStream
-from .session import Session
+from .session import AsyncSession, Session
 from .errors import (
     DeadlineExceededError,
     InternalError,
@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "AsyncRemoteCompletionStream",
+    "AsyncSession",
     "Chunk",
     "Client",
     "Completion",

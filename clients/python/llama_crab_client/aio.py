@@ -22,6 +22,7 @@ from .channel import ClientBase
 from .client import StreamClock
 from .errors import InternalError
 from .status import from_rpc_error
+from .session import AsyncSession
 from .types import (
     Chunk,
     Completion,
@@ -208,6 +209,11 @@ class AsyncClient(ClientBase):
             self._stub.Tokenize, tokenize_request(text, add_special, parse_special), timeout, request_id
         )
         return list(reply.tokens)
+
+    def session(self, tokens: Sequence[int] = ()) -> AsyncSession:
+        """A token history continued across calls (`AsyncSession`); the server's prefix
+        cache makes each turn prefill only its new tokens. No server-side state is kept."""
+        return AsyncSession(self, tokens)
 
     async def detokenize(
         self, tokens: Sequence[int], *, timeout: Optional[float] = None, request_id: Optional[str] = None
