@@ -164,16 +164,21 @@ class Summary:
         )
 
 
-def peak_rss_mb(pid: int) -> Optional[float]:
-    """A live process's peak resident set (VmHWM), in MB; None where /proc has no answer."""
+def proc_status_mb(pid: int, field: str) -> Optional[float]:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM, ...) in MB; None where there is no answer."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb(pid: int) -> Optional[float]:
+    """A live process's peak resident set (VmHWM), in MB."""
+    return proc_status_mb(pid, "VmHWM")
 
 
 def load_average() -> Optional[tuple[float, float, float]]:

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import grpc
-from common import load_average
+from common import load_average, proc_status_mb
 from service import free_port, wait_serving
 
 from llama_crab_client import Client, Completion, CompletionOptions, LlamaCrabError
@@ -264,14 +264,7 @@ def _quietly(action: Callable[[], object]) -> None:
 # ---- server probes -----------------------------------------------------------------------
 def proc_rss_mb(pid: int) -> Optional[float]:
     """VmRSS (current resident set, not the peak) in MB; None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return proc_status_mb(pid, "VmRSS")
 
 
 def proc_fds(pid: int) -> Optional[int]:

@@ -24,8 +24,36 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
 
+# (metric name, kind, help, EngineMetrics attribute): read from the engine at each scrape.
+_ENGINE_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("slots", "gauge", "Generation slots (--parallel)", "n_slots"),
+    ("busy_slots", "gauge", "Slots generating now", "busy_slots"),
+    ("queue_depth", "gauge", "Requests waiting for a slot", "queue_depth"),
+    ("engine_decode_steps", "gauge", "Batched decode steps run by the engine", "decode_steps_total"),
+    ("paused_slots", "gauge", "Slots paused because their reader is behind (backpressure)", "paused_slots"),
+    ("slow_reader_pauses", "counter", "Times a slot was paused for a slow reader", "pauses_total"),
+    (
+        "slow_reader_cancels",
+        "counter",
+        "Streams cancelled after staying paused past --slow-reader-timeout",
+        "slow_reader_cancels_total",
+    ),
+    ("cache_hit_tokens", "counter", "Prompt tokens reused from the prefix cache", "cache_hit_tokens_total"),
+    ("cache_miss_tokens", "counter", "Prompt tokens computed (not cached)", "cache_miss_tokens_total"),
+    ("ram_cache_bytes", "gauge", "Bytes held by the host-RAM prompt cache", "ram_cache_bytes"),
+    ("ram_cache_entries", "gauge", "Prompt prefixes held by the host-RAM cache", "ram_cache_entries"),
+    ("ram_cache_restores", "counter", "Prefixes restored from the host-RAM cache into a slot", "ram_cache_restores_total"),
+    (
+        "guarded_failures",
+        "counter",
+        "Streams ended because their request left no token allowed or cost over --max-sample-ms per step",
+        "guarded_failures_total",
+    ),
+)
+
+
 class _EngineCollector(Collector):
-    """Gauges read from the engine on each scrape; nothing while no model is loaded."""
+    """Engine gauges and counters read on each scrape; nothing while no model is loaded."""
 
     def __init__(self, read: Callable[[], Optional[EngineMetrics]]) -> None:
         self._read = read
@@ -34,45 +62,9 @@ class _EngineCollector(Collector):
         snapshot = self._read()
         if snapshot is None:
             return
-        yield GaugeMetricFamily(f"{_NS}_slots", "Generation slots (--parallel)", value=snapshot.n_slots)
-        yield GaugeMetricFamily(f"{_NS}_busy_slots", "Slots generating now", value=snapshot.busy_slots)
-        yield GaugeMetricFamily(f"{_NS}_queue_depth", "Requests waiting for a slot", value=snapshot.queue_depth)
-        yield GaugeMetricFamily(
-            f"{_NS}_engine_decode_steps", "Batched decode steps run by the engine", value=snapshot.decode_steps_total
-        )
-        yield GaugeMetricFamily(
-            f"{_NS}_paused_slots", "Slots paused because their reader is behind (backpressure)", value=snapshot.paused_slots
-        )
-        yield CounterMetricFamily(
-            f"{_NS}_slow_reader_pauses", "Times a slot was paused for a slow reader", value=snapshot.pauses_total
-        )
-        yield CounterMetricFamily(
-            f"{_NS}_slow_reader_cancels",
-            "Streams cancelled after staying paused past --slow-reader-timeout",
-            value=snapshot.slow_reader_cancels_total,
-        )
-        yield CounterMetricFamily(
-            f"{_NS}_cache_hit_tokens", "Prompt tokens reused from the prefix cache", value=snapshot.cache_hit_tokens_total
-        )
-        yield CounterMetricFamily(
-            f"{_NS}_cache_miss_tokens", "Prompt tokens computed (not cached)", value=snapshot.cache_miss_tokens_total
-        )
-        yield GaugeMetricFamily(
-            f"{_NS}_ram_cache_bytes", "Bytes held by the host-RAM prompt cache", value=snapshot.ram_cache_bytes
-        )
-        yield GaugeMetricFamily(
-            f"{_NS}_ram_cache_entries", "Prompt prefixes held by the host-RAM cache", value=snapshot.ram_cache_entries
-        )
-        yield CounterMetricFamily(
-            f"{_NS}_ram_cache_restores",
-            "Prefixes restored from the host-RAM cache into a slot",
-            value=snapshot.ram_cache_restores_total,
-        )
-        yield CounterMetricFamily(
-            f"{_NS}_guarded_failures",
-            "Streams ended because their request left no token allowed or cost over --max-sample-ms per step",
-            value=snapshot.guarded_failures_total,
-        )
+        for name, kind, doc, attribute in _ENGINE_METRICS:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            yield family(f"{_NS}_{name}", doc, value=getattr(snapshot, attribute))
 
 
 class ServiceMetrics:
