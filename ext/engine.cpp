@@ -40,20 +40,28 @@ double thread_cpu_ms() {
 
 }  // namespace
 
-// A slot is one llama.cpp sequence. Its KV (and `kv`, the tokens it holds) outlives the
-// requests it serves: that is the prefix cache. The rest is the in-flight request's.
+// One llama.cpp sequence: its KV outlives the requests it serves (the prefix cache).
+struct Sequence {
+    llama_seq_id id = 0;
+    std::vector<llama_token> tokens;  // tokens whose KV the sequence holds, in position order
+    size_t tokens_before_batch = 0;   // tokens.size() before the batch in flight (rolled back on failure)
+    uint64_t last_used = 0;           // for least-recently-used choices
+};
+
+// Where a slot's request is. FREE: none. ADMITTED: its KV is matched to the prompt
+// (prepare) before the next batch. PREFILLING: prompt pieces go into batches.
+// DECODING: prompt done, one sampled token per batch.
+enum class SlotState { FREE, ADMITTED, PREFILLING, DECODING };
+
+// A slot: a sequence, and the request in flight on it.
 struct Engine::Slot {
-    llama_seq_id seq_id = 0;
-    std::vector<llama_token> kv;  // tokens whose KV the sequence holds, in position order
-    size_t kv_before_batch = 0;   // kv.size() before the batch in flight (rolled back on failure)
-    uint64_t last_used = 0;       // for least-recently-used choices
-    bool needs_prepare = false;   // admitted; its KV is matched to the prompt before the next batch
-    int32_t n_cached = 0;         // prompt tokens the current request reused
+    Sequence seq;
+    SlotState state = SlotState::FREE;
+    int32_t n_cached = 0;  // prompt tokens the current request reused
 
     std::shared_ptr<Request> req;  // null when free
     size_t n_prompt_done = 0;      // prompt tokens already put into a batch
     llama_pos n_past = 0;          // next position in this sequence
-    bool decoding = false;         // prompt done; generating
     llama_token next_token = 0;    // sampled, to be fed in the next batch
     int32_t i_batch = -1;          // row of this slot's logits in the current batch, -1 if none
     bool in_batch = false;
@@ -65,14 +73,13 @@ struct Engine::Slot {
     std::vector<int32_t> chunk_tokens;  // generated but not yet handed out in a chunk
     std::vector<TokenLogprob> chunk_logprobs, all_logprobs;
 
-    // Forget the request; the sequence (seq_id, kv, last_used) stays.
+    // Forget the request; the sequence stays.
     void reset() {
         req.reset();
-        needs_prepare = false;
+        state = SlotState::FREE;
         n_cached = 0;
         n_prompt_done = 0;
         n_past = 0;
-        decoding = false;
         i_batch = -1;
         in_batch = false;
         paused = false;
@@ -128,7 +135,7 @@ Engine::Engine(const EngineParams & params) : params_(params) {
     batch_ = llama_batch_init(static_cast<int32_t>(llama_n_batch(ctx_)), 0, 1);
     slots_.resize(static_cast<size_t>(params.n_parallel));
     for (size_t i = 0; i < slots_.size(); ++i) {
-        slots_[i].seq_id = static_cast<llama_seq_id>(i);
+        slots_[i].seq.id = static_cast<llama_seq_id>(i);
     }
     if (params.cache_prompt && params.cache_ram_bytes > 0) {
         ram_cache_ = std::make_unique<PromptCache>(static_cast<size_t>(params.cache_ram_bytes));
@@ -345,8 +352,8 @@ void Engine::admit_locked() {
         queue_.pop_front();
         slot->req->t_admit = Request::clock::now();
         slot->text = std::make_unique<TextStream>(slot->req->params.stop_sequences);
-        slot->needs_prepare = true;  // KV work happens outside the lock (prepare)
-        slot->last_used = ++use_clock_;
+        slot->state = SlotState::ADMITTED;  // KV work happens outside the lock (prepare)
+        slot->seq.last_used = ++use_clock_;
         busy_slots_++;
     }
 }
@@ -362,8 +369,8 @@ Engine::Slot * Engine::pick_slot(const Request & req) {
     size_t best_prefix = 0;
     for (auto & slot : slots_) {
         if (slot.req) continue;
-        const size_t prefix = caching(req) ? common_prefix(slot.kv, req.prompt) : 0;
-        if (!best || prefix > best_prefix || (prefix == best_prefix && slot.last_used < best->last_used)) {
+        const size_t prefix = caching(req) ? common_prefix(slot.seq.tokens, req.prompt) : 0;
+        if (!best || prefix > best_prefix || (prefix == best_prefix && slot.seq.last_used < best->seq.last_used)) {
             best = &slot;
             best_prefix = prefix;
         }
@@ -373,20 +380,20 @@ Engine::Slot * Engine::pick_slot(const Request & req) {
 
 void Engine::save_to_ram(const Slot & slot) {
     // Worth keeping only if it is more than a token or two and not already there.
-    if (!ram_cache_ || slot.kv.size() < 8 || ram_cache_->covers(slot.kv)) return;
-    const size_t size = llama_state_seq_get_size(ctx_, slot.seq_id);
+    if (!ram_cache_ || slot.seq.tokens.size() < 8 || ram_cache_->covers(slot.seq.tokens)) return;
+    const size_t size = llama_state_seq_get_size(ctx_, slot.seq.id);
     if (size == 0 || size > ram_cache_->budget()) return;
     std::vector<uint8_t> state(size);
-    if (llama_state_seq_get_data(ctx_, state.data(), size, slot.seq_id) != size) return;
-    ram_cache_->put(slot.kv, std::move(state));
+    if (llama_state_seq_get_data(ctx_, state.data(), size, slot.seq.id) != size) return;
+    ram_cache_->put(slot.seq.tokens, std::move(state));
     ram_cache_saves_total_++;
 }
 
 bool Engine::restore_from_ram(Slot & slot, const std::vector<uint8_t> & state) {
-    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
-    if (llama_state_seq_set_data(ctx_, state.data(), state.size(), slot.seq_id) == 0) {
-        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
-        slot.kv.clear();
+    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, -1, -1);
+    if (llama_state_seq_set_data(ctx_, state.data(), state.size(), slot.seq.id) == 0) {
+        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, -1, -1);
+        slot.seq.tokens.clear();
         return false;
     }
     ram_cache_restores_total_++;
@@ -397,12 +404,12 @@ void Engine::prepare(Slot & slot) {
     // Match the slot's KV to the new prompt: keep the common prefix (from the slot, or a
     // longer one from the RAM cache), drop the rest, prefill only what follows. At least
     // the last prompt token is evaluated again: its logits give the first sampled token.
-    slot.needs_prepare = false;
+    slot.state = SlotState::PREFILLING;
     const auto & prompt = slot.req->prompt;
     llama_memory_t mem = llama_get_memory(ctx_);
     size_t keep = 0;
     if (caching(*slot.req)) {
-        keep = common_prefix(slot.kv, prompt);
+        keep = common_prefix(slot.seq.tokens, prompt);
         size_t ram_prefix = 0;
         if (ram_cache_ && ram_cache_->best(prompt, ram_prefix) && ram_prefix > keep) {
             save_to_ram(slot);  // may evict entries: look again afterwards
@@ -410,21 +417,21 @@ void Engine::prepare(Slot & slot) {
             if (entry && ram_prefix > keep) {
                 std::vector<llama_token> tokens = entry->tokens;
                 keep = restore_from_ram(slot, entry->state) ? ram_prefix : 0;
-                if (keep) slot.kv = std::move(tokens);
+                if (keep) slot.seq.tokens = std::move(tokens);
             }
-        } else if (slot.kv.size() > keep) {
+        } else if (slot.seq.tokens.size() > keep) {
             save_to_ram(slot);  // about to be overwritten
         }
     } else {
         save_to_ram(slot);
     }
     keep = std::min(keep, prompt.size() - 1);
-    if (!llama_memory_seq_rm(mem, slot.seq_id, static_cast<llama_pos>(keep), -1)) {
+    if (!llama_memory_seq_rm(mem, slot.seq.id, static_cast<llama_pos>(keep), -1)) {
         // This memory cannot drop a partial sequence (e.g. recurrent state): start cold.
-        llama_memory_seq_rm(mem, slot.seq_id, -1, -1);
+        llama_memory_seq_rm(mem, slot.seq.id, -1, -1);
         keep = 0;
     }
-    slot.kv.resize(keep);
+    slot.seq.tokens.resize(keep);
     slot.n_past = static_cast<llama_pos>(keep);
     slot.n_prompt_done = keep;
     slot.n_cached = static_cast<int32_t>(keep);
@@ -454,7 +461,7 @@ bool Engine::build_batch() {
     batch_.n_tokens = 0;
     const int32_t n_batch = static_cast<int32_t>(llama_n_batch(ctx_));
     for (auto & slot : slots_) {
-        if (!slot.req || !slot.decoding) continue;
+        if (slot.state != SlotState::DECODING) continue;
         if (backlogged(slot)) {
             if (!slot.paused) {
                 slot.paused = true;
@@ -468,9 +475,9 @@ bool Engine::build_batch() {
             slot.paused = false;
             paused_slots_--;
         }
-        slot.kv_before_batch = slot.kv.size();
-        slot.kv.push_back(slot.next_token);
-        batch_add(batch_, slot.next_token, slot.n_past++, slot.seq_id, true);
+        slot.seq.tokens_before_batch = slot.seq.tokens.size();
+        slot.seq.tokens.push_back(slot.next_token);
+        batch_add(batch_, slot.next_token, slot.n_past++, slot.seq.id, true);
         slot.i_batch = batch_.n_tokens - 1;
         slot.in_batch = true;
     }
@@ -478,7 +485,7 @@ bool Engine::build_batch() {
     // slots keep streaming while a long prompt is processed piece by piece.
     std::vector<Slot *> prefilling;
     for (auto & slot : slots_) {
-        if (slot.req && !slot.decoding) prefilling.push_back(&slot);
+        if (slot.state == SlotState::PREFILLING) prefilling.push_back(&slot);
     }
     std::sort(prefilling.begin(), prefilling.end(), [](const Slot * a, const Slot * b) { return a->req->id < b->req->id; });
     for (Slot * slot : prefilling) {
@@ -487,11 +494,11 @@ bool Engine::build_batch() {
         const auto & prompt = slot->req->prompt;
         const size_t n = std::min(static_cast<size_t>(budget), prompt.size() - slot->n_prompt_done);
         const bool last_piece = slot->n_prompt_done + n == prompt.size();
-        slot->kv_before_batch = slot->kv.size();
+        slot->seq.tokens_before_batch = slot->seq.tokens.size();
         for (size_t i = 0; i < n; ++i) {
             const llama_token token = prompt[slot->n_prompt_done + i];
-            slot->kv.push_back(token);
-            batch_add(batch_, token, slot->n_past++, slot->seq_id, last_piece && i + 1 == n);
+            slot->seq.tokens.push_back(token);
+            batch_add(batch_, token, slot->n_past++, slot->seq.id, last_piece && i + 1 == n);
         }
         slot->n_prompt_done += n;
         slot->i_batch = last_piece ? batch_.n_tokens - 1 : -1;
@@ -602,10 +609,10 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     std::shared_ptr<Request> owner = std::move(slot.req);
     if (!params_.cache_prompt || !error.empty()) {
         // Without the cache (or after a failure) the sequence is cleared for the next one.
-        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, -1, -1);
-        slot.kv.clear();
+        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, -1, -1);
+        slot.seq.tokens.clear();
     }
-    slot.last_used = ++use_clock_;
+    slot.seq.last_used = ++use_clock_;
     if (slot.paused) paused_slots_--;
     slot.reset();
     busy_slots_--;
@@ -664,8 +671,8 @@ void Engine::after_decode() {
         if (!slot.req || !slot.in_batch) continue;
         slot.in_batch = false;
         if (slot.i_batch < 0) continue;  // a prompt piece that is not the last one
-        if (!slot.decoding) {
-            slot.decoding = true;
+        if (slot.state == SlotState::PREFILLING) {
+            slot.state = SlotState::DECODING;
             slot.req->t_prompt_done = Request::clock::now();
         }
         const double cpu_start = thread_cpu_ms();
@@ -717,7 +724,7 @@ void Engine::run() {
         for (auto & slot : slots_) {
             if (slot.req && (slot.req->cancelled() || stop_)) {
                 finish(slot, StopReason::CANCELLED);
-            } else if (slot.req && slot.needs_prepare) {
+            } else if (slot.state == SlotState::ADMITTED) {
                 prepare(slot);
             }
         }
@@ -741,8 +748,8 @@ void Engine::run() {
             for (auto & slot : slots_) {
                 if (!slot.in_batch) continue;
                 slot.in_batch = false;
-                slot.kv.resize(slot.kv_before_batch);
-                llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq_id, static_cast<llama_pos>(slot.kv.size()), -1);
+                slot.seq.tokens.resize(slot.seq.tokens_before_batch);
+                llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, static_cast<llama_pos>(slot.seq.tokens.size()), -1);
             }
         } else {
             fail_batch("llama_decode failed (status " + std::to_string(ret) + ")");
@@ -786,7 +793,7 @@ std::vector<uint8_t> Engine::sequence_state(const std::vector<llama_token> & tok
         const Slot * best = nullptr;
         size_t best_prefix = 0;
         for (const auto & slot : slots_) {
-            const size_t prefix = slot.req ? 0 : common_prefix(slot.kv, tokens);
+            const size_t prefix = slot.req ? 0 : common_prefix(slot.seq.tokens, tokens);
             if (prefix > best_prefix) {
                 best = &slot;
                 best_prefix = prefix;
@@ -798,11 +805,11 @@ std::vector<uint8_t> Engine::sequence_state(const std::vector<llama_token> & tok
             state = entry->state;
             state_tokens = entry->tokens;
         } else if (best) {
-            state.resize(llama_state_seq_get_size(ctx_, best->seq_id));
-            if (llama_state_seq_get_data(ctx_, state.data(), state.size(), best->seq_id) != state.size()) {
+            state.resize(llama_state_seq_get_size(ctx_, best->seq.id));
+            if (llama_state_seq_get_data(ctx_, state.data(), state.size(), best->seq.id) != state.size()) {
                 throw std::runtime_error("cannot read the sequence's state");
             }
-            state_tokens = best->kv;
+            state_tokens = best->seq.tokens;
         }
     });
     return state;
@@ -818,7 +825,7 @@ void Engine::add_sequence_state(const std::vector<llama_token> & tokens, const s
     call_on_scheduler([&] {
         Slot * slot = nullptr;
         for (auto & s : slots_) {
-            if (!s.req && (!slot || s.last_used < slot->last_used)) slot = &s;
+            if (!s.req && (!slot || s.seq.last_used < slot->seq.last_used)) slot = &s;
         }
         if (slot) {
             // Restoring checks the state against this context (llama.cpp refuses a state of
@@ -827,15 +834,15 @@ void Engine::add_sequence_state(const std::vector<llama_token> & tokens, const s
             if (!restore_from_ram(*slot, state)) {
                 throw std::invalid_argument("state: llama.cpp refused it (corrupt, or saved with another model)");
             }
-            const llama_pos pos_max = llama_memory_seq_pos_max(llama_get_memory(ctx_), slot->seq_id);
+            const llama_pos pos_max = llama_memory_seq_pos_max(llama_get_memory(ctx_), slot->seq.id);
             if (pos_max + 1 != static_cast<llama_pos>(tokens.size())) {
-                llama_memory_seq_rm(llama_get_memory(ctx_), slot->seq_id, -1, -1);
-                slot->kv.clear();
+                llama_memory_seq_rm(llama_get_memory(ctx_), slot->seq.id, -1, -1);
+                slot->seq.tokens.clear();
                 throw std::invalid_argument("state: holds " + std::to_string(pos_max + 1) + " positions, its tokens " +
                                             std::to_string(tokens.size()));
             }
-            slot->kv = tokens;
-            slot->last_used = ++use_clock_;
+            slot->seq.tokens = tokens;
+            slot->seq.last_used = ++use_clock_;
         }
         if (ram_cache_) ram_cache_->put(tokens, state);
     });
