@@ -232,6 +232,9 @@ def test_a_grpc_session_hits_the_servers_cache(cached: Llama) -> None:
         assert session.tokens[-len(second.token_ids) :] == list(second.token_ids)
         with pytest.raises(TypeError):
             session.save("nowhere")
+        # The reuse shows in the server's metrics too.
+        assert server.metrics.value("llama_crab_cache_hit_tokens_total") >= second.usage.cached_tokens
+        assert server.metrics.value("llama_crab_ram_cache_bytes") <= 64 << 20
 
 
 def test_a_session_file_loads_into_another_slot_layout_without_its_kv(cached: Llama, model_path: str, tmp_path: Path) -> None:
