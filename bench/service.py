@@ -51,13 +51,14 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout: float) ->
 
 
 @contextmanager
-def serve(model: str, threads: int, n_ctx: int, parallel: int, log: Path) -> Iterator[tuple[str, int]]:
-    """A running server: yields (address, pid); stopped (SIGTERM, then SIGKILL) on exit."""
+def serve_process(model: str, log: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`llama-crab serve --model MODEL ARGS...` on 127.0.0.1 and a free port, until SERVING;
+    yields (process, address). Killed on the way out if still running: a caller that wants
+    a clean SIGTERM shutdown does it (and times it) itself."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "llama_crab.cli", "serve", "--model", model, "--host", "127.0.0.1",
-        "--port", str(port), "--threads", str(threads), "--n-ctx", str(n_ctx), "--parallel", str(parallel),
-        "--max-queue", "64", "--grace", "5", "--log-level", "warning",
+        "--port", str(port), *args,
     ]  # fmt: skip
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     with log.open("wb") as log_file:
@@ -65,6 +66,22 @@ def serve(model: str, threads: int, n_ctx: int, parallel: int, log: Path) -> Ite
         try:
             address = f"127.0.0.1:{port}"
             wait_serving(address, proc, timeout=300.0)
+            yield proc, address
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def serve(model: str, threads: int, n_ctx: int, parallel: int, log: Path) -> Iterator[tuple[str, int]]:
+    """A running server: yields (address, pid); stopped (SIGTERM, then SIGKILL) on exit."""
+    args = ("--threads", str(threads), "--n-ctx", str(n_ctx), "--parallel", str(parallel))
+    with serve_process(model, log, *args, "--max-queue", "64", "--grace", "5", "--log-level", "warning") as (
+        proc,
+        address,
+    ):
+        try:
             yield address, proc.pid
         finally:
             if proc.poll() is None:
@@ -72,8 +89,7 @@ def serve(model: str, threads: int, n_ctx: int, parallel: int, log: Path) -> Ite
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                    pass  # serve_process kills it
 
 
 def run_round(client: Client, options: CompletionOptions, streams: int) -> RoundResult:

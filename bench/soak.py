@@ -61,7 +61,7 @@ from typing import Any, Optional
 
 import grpc
 from common import load_average, proc_status_mb
-from service import free_port, wait_serving
+from service import free_port, serve_process
 
 from llama_crab_client import Client, Completion, CompletionOptions, LlamaCrabError
 from llama_crab_client.v1 import llama_crab_pb2 as pb
@@ -81,6 +81,9 @@ SERVER_ARGS = [
     "--stream-buffer-kib", "64", "--slow-reader-timeout", str(SLOW_READER_TIMEOUT_S),
     # Short enough that "exits within 30 s of SIGTERM" fails if a stream is left behind.
     "--grace", "10", "--log-level", "warning",
+    # The prefix cache's RAM part grows to its budget by design (~5 MB/s under this load):
+    # a small budget fills within the warm-up, so "RSS flat" afterwards tests for leaks.
+    "--cache-ram", "32",
 ]  # fmt: skip
 
 # Relative weights. killed_client stays under 1 in 10: each spawns a Python interpreter,
@@ -336,25 +339,9 @@ class Server:
 def start_server(model: str, log: Path) -> Iterator[Server]:
     """`llama-crab serve` until SERVING; SIGKILLed on the way out if still running (the
     clean SIGTERM shutdown is checked, and timed, by `stop_server`)."""
-    port = free_port()
     metrics_port = free_port()
-    while metrics_port == port:  # two quick binds can hand out the same port
-        metrics_port = free_port()
-    cmd = [
-        sys.executable, "-m", "llama_crab.cli", "serve", "--model", model, "--host", HOST,
-        "--port", str(port), "--metrics-port", str(metrics_port), *SERVER_ARGS,
-    ]  # fmt: skip
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            address = f"{HOST}:{port}"
-            wait_serving(address, proc, timeout=300.0)
-            yield Server(proc, address, metrics_port, log)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with serve_process(model, log, "--metrics-port", str(metrics_port), *SERVER_ARGS) as (proc, address):
+        yield Server(proc, address, metrics_port, log)
 
 
 def stop_server(server: Server, timeout: float = 30.0) -> tuple[Optional[int], float]:
