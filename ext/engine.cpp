@@ -379,8 +379,11 @@ Engine::Slot * Engine::pick_slot(const Request & req) {
 }
 
 void Engine::save_to_ram(const Slot & slot) {
-    // Worth keeping only if it is more than a token or two and not already there.
-    if (!ram_cache_ || slot.seq.tokens.size() < 8 || ram_cache_->covers(slot.seq.tokens)) return;
+    // Worth keeping only if it is not already there and long enough that recomputing it
+    // costs more than copying its state out and back (a short prompt is cheap to redo,
+    // and every admission that overwrites a slot would otherwise copy one).
+    constexpr size_t min_tokens = 64;
+    if (!ram_cache_ || slot.seq.tokens.size() < min_tokens || ram_cache_->covers(slot.seq.tokens)) return;
     const size_t size = llama_state_seq_get_size(ctx_, slot.seq.id);
     if (size == 0 || size > ram_cache_->budget()) return;
     std::vector<uint8_t> state(size);
