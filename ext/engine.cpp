@@ -1,6 +1,9 @@
 #include "engine.h"
 
 #include <time.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -93,7 +96,16 @@ struct Engine::Slot {
 };
 
 Engine::Engine(const EngineParams & params) : params_(params) {
-    std::call_once(g_backend_once, [] { llama_backend_init(); });
+    std::call_once(g_backend_once, [] {
+        llama_backend_init();
+#if defined(__GLIBC__)
+        // The prompt cache allocates and frees sequence states of several MB all the
+        // time. glibc raises its mmap threshold after such a free, so later ones come
+        // from the heap and fragment it: RSS creeps. A fixed threshold keeps every
+        // buffer over 1 MiB in its own mapping, returned to the OS when freed.
+        mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#endif
+    });
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers;
