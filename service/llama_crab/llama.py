@@ -335,8 +335,12 @@ class Llama:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Tokens of `text`; `add_special` adds BOS/EOS as the model's metadata asks."""
         self._check_open()
+        return self._tokenize(text, "text", add_special, parse_special)
+
+    def _tokenize(self, text: str, field: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        # Refused before tokenizing: tokenizing megabytes only to refuse them costs seconds.
         if len(text) > LIMITS.prompt_text_bytes or len(text.encode("utf-8")) > LIMITS.prompt_text_bytes:
-            raise InvalidArgumentError.for_field("text", f"at most {LIMITS.prompt_text_bytes} bytes")
+            raise InvalidArgumentError.for_field(field, f"at most {LIMITS.prompt_text_bytes} bytes of text")
         return list(self._engine.tokenize(text, add_special, parse_special))
 
     def detokenize(self, tokens: Sequence[int], remove_special: bool = False, unparse_special: bool = True) -> str:
@@ -378,10 +382,7 @@ class Llama:
         if isinstance(prompt, str):
             if prompt == "":
                 raise InvalidArgumentError.for_field("prompt", "must not be empty")
-            # Refused before tokenizing: tokenizing megabytes only to refuse them costs seconds.
-            if len(prompt) > LIMITS.prompt_text_bytes or len(prompt.encode("utf-8")) > LIMITS.prompt_text_bytes:
-                raise InvalidArgumentError.for_field("prompt", f"at most {LIMITS.prompt_text_bytes} bytes of text")
-            tokens = self.tokenize(prompt)
+            tokens = self._tokenize(prompt, "prompt")
         else:
             tokens = list(prompt)
             if len(tokens) > LIMITS.prompt_tokens:
