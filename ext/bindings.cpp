@@ -70,7 +70,8 @@ NB_MODULE(_engine, m) {
         .def_rw("max_buffered_bytes", &EngineParams::max_buffered_bytes)
         .def_rw("slow_reader_timeout_ms", &EngineParams::slow_reader_timeout_ms)
         .def_rw("cache_prompt", &EngineParams::cache_prompt)
-        .def_rw("cache_ram_bytes", &EngineParams::cache_ram_bytes);
+        .def_rw("cache_ram_bytes", &EngineParams::cache_ram_bytes)
+        .def_rw("chat_template", &EngineParams::chat_template);
 
     nb::class_<SamplingParams>(m, "SamplingParams")
         .def(nb::init<>())
@@ -92,6 +93,62 @@ NB_MODULE(_engine, m) {
         .def_rw("grammar", &SamplingParams::grammar)
         .def_rw("samplers", &SamplingParams::samplers)
         .def_rw("cache_prompt", &SamplingParams::cache_prompt);
+
+    nb::class_<ChatToolCall>(m, "ChatToolCall")
+        .def(nb::init<>())
+        .def_rw("id", &ChatToolCall::id)
+        .def_rw("name", &ChatToolCall::name)
+        .def_rw("arguments", &ChatToolCall::arguments);
+
+    nb::class_<ChatMessage>(m, "ChatMessage")
+        .def(nb::init<>())
+        .def_rw("role", &ChatMessage::role)
+        .def_rw("content", &ChatMessage::content)
+        .def_rw("reasoning_content", &ChatMessage::reasoning_content)
+        .def_rw("name", &ChatMessage::name)
+        .def_rw("tool_call_id", &ChatMessage::tool_call_id)
+        .def_rw("tool_calls", &ChatMessage::tool_calls);
+
+    nb::class_<ChatTool>(m, "ChatTool")
+        .def(nb::init<>())
+        .def_rw("name", &ChatTool::name)
+        .def_rw("description", &ChatTool::description)
+        .def_rw("parameters", &ChatTool::parameters);
+
+    nb::class_<ChatInputs>(m, "ChatInputs")
+        .def(nb::init<>())
+        .def_rw("messages", &ChatInputs::messages)
+        .def_rw("tools", &ChatInputs::tools)
+        .def_rw("tool_choice", &ChatInputs::tool_choice)
+        .def_rw("parallel_tool_calls", &ChatInputs::parallel_tool_calls)
+        .def_rw("json_schema", &ChatInputs::json_schema)
+        .def_rw("add_generation_prompt", &ChatInputs::add_generation_prompt)
+        .def_rw("enable_thinking", &ChatInputs::enable_thinking);
+
+    nb::class_<ChatTrigger>(m, "ChatTrigger")
+        .def_ro("type", &ChatTrigger::type)
+        .def_ro("value", &ChatTrigger::value);
+
+    nb::class_<ChatPrompt>(m, "ChatPrompt")
+        .def_ro("prompt", &ChatPrompt::prompt)
+        .def_ro("format", &ChatPrompt::format)
+        .def_ro("grammar", &ChatPrompt::grammar)
+        .def_ro("grammar_lazy", &ChatPrompt::grammar_lazy)
+        .def_ro("grammar_triggers", &ChatPrompt::grammar_triggers)
+        .def_ro("preserved_tokens", &ChatPrompt::preserved_tokens)
+        .def_ro("additional_stops", &ChatPrompt::additional_stops)
+        .def_ro("generation_prompt", &ChatPrompt::generation_prompt);
+
+    nb::class_<ChatDelta>(m, "ChatDelta")
+        .def_ro("reasoning_content", &ChatDelta::reasoning_content)
+        .def_ro("content", &ChatDelta::content)
+        .def_ro("tool_index", &ChatDelta::tool_index)
+        .def_ro("tool_id", &ChatDelta::tool_id)
+        .def_ro("tool_name", &ChatDelta::tool_name)
+        .def_ro("tool_arguments", &ChatDelta::tool_arguments);
+
+    m.def("json_schema_problem", &json_schema_problem, "schema"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "'' if llama.cpp can turn the JSON schema text into a grammar, else why not.");
 
     nb::class_<TopLogprob>(m, "TopLogprob")
         .def_ro("token_id", &TopLogprob::token_id)
@@ -120,7 +177,9 @@ NB_MODULE(_engine, m) {
         .def_ro("decode_tps", &Event::decode_tps)
         .def_ro("total_ms", &Event::total_ms)
         .def_ro("error", &Event::error)
-        .def_ro("error_field", &Event::error_field);
+        .def_ro("error_field", &Event::error_field)
+        .def_ro("chat_deltas", &Event::chat_deltas)
+        .def_ro("chat_message", &Event::chat_message);
 
     nb::class_<Request>(m, "Request")
         .def_ro("id", &Request::id)
@@ -168,7 +227,14 @@ NB_MODULE(_engine, m) {
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<const EngineParams &>(), "params"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Load the model and start the scheduler thread.")
-        .def("submit", &Engine::submit, "prompt"_a, "params"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def(
+            "submit",
+            [](Engine & e, std::vector<llama_token> prompt, const SamplingParams & params) {
+                return e.submit(std::move(prompt), params);
+            },
+            "prompt"_a, "params"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("submit_chat", &Engine::submit_chat, "inputs"_a, "params"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("apply_chat", &Engine::apply_chat, "inputs"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("close", &Engine::close, nb::call_guard<nb::gil_scoped_release>())
         .def("tokenize", &Engine::tokenize, "text"_a, "add_special"_a, "parse_special"_a,
              nb::call_guard<nb::gil_scoped_release>())

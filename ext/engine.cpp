@@ -73,6 +73,7 @@ struct Engine::Slot {
     std::unique_ptr<TextStream> text;
     std::vector<int32_t> generated;
     std::string delivered_text;
+    std::string chat_pending_text;      // chat: released text not yet in a chunk
     std::vector<int32_t> chunk_tokens;  // generated but not yet handed out in a chunk
     std::vector<TokenLogprob> chunk_logprobs, all_logprobs;
 
@@ -89,6 +90,7 @@ struct Engine::Slot {
         text.reset();
         generated.clear();
         delivered_text.clear();
+        chat_pending_text.clear();
         chunk_tokens.clear();
         chunk_logprobs.clear();
         all_logprobs.clear();
@@ -120,6 +122,12 @@ Engine::Engine(const EngineParams & params) : params_(params) {
     }
     vocab_ = llama_model_get_vocab(model_);
     n_vocab_ = llama_vocab_n_tokens(vocab_);
+    try {
+        chat_templates_ = std::make_unique<ChatTemplates>(model_, params.chat_template);
+    } catch (const std::exception & e) {
+        llama_model_free(model_);
+        throw std::invalid_argument(std::string("chat_template: cannot parse it: ") + e.what());
+    }
 
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = params.n_ctx;
@@ -169,6 +177,7 @@ void Engine::close() {
     if (thread_.joinable()) {
         thread_.join();
     }
+    chat_templates_.reset();
     if (ctx_) {
         llama_batch_free(batch_);
         llama_free(ctx_);
@@ -198,7 +207,26 @@ common_sampler * Engine::make_sampler(const SamplingParams & p) const {
         sp.logit_bias.push_back({token, bias});
     }
     if (!p.grammar.empty()) {
-        sp.grammar = common_grammar(COMMON_GRAMMAR_TYPE_USER, p.grammar);
+        sp.grammar = common_grammar(static_cast<common_grammar_type>(p.grammar_type), p.grammar);
+        sp.grammar_lazy = p.grammar_lazy;
+        sp.generation_prompt = p.generation_prompt;
+        for (const auto & word : p.preserved_tokens) {
+            const auto ids = common_tokenize(vocab_, word, false, true);
+            if (ids.size() == 1) sp.preserved_tokens.insert(ids[0]);
+        }
+        for (const auto & t : p.grammar_triggers) {
+            common_grammar_trigger trigger{static_cast<common_grammar_trigger_type>(t.type), t.value};
+            if (trigger.type == COMMON_GRAMMAR_TRIGGER_TYPE_WORD) {
+                // A trigger word that is one preserved token triggers on that token, as
+                // llama.cpp's server does: the model emits it whole, never as text.
+                const auto ids = common_tokenize(vocab_, t.value, false, true);
+                if (ids.size() == 1 && sp.preserved_tokens.count(ids[0])) {
+                    trigger.type = COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN;
+                    trigger.token = ids[0];
+                }
+            }
+            sp.grammar_triggers.push_back(std::move(trigger));
+        }
     }
     const bool penalised = p.repeat_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
     if (!p.samplers.empty()) {
@@ -307,7 +335,32 @@ void Engine::validate(const std::vector<llama_token> & prompt, const SamplingPar
     }
 }
 
-std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const SamplingParams & params) {
+ChatPrompt Engine::apply_chat(const ChatInputs & inputs) const {
+    ensure_open();
+    return chat_templates_->apply(inputs);
+}
+
+std::shared_ptr<Request> Engine::submit_chat(const ChatInputs & inputs, SamplingParams params) {
+    ensure_open();
+    if (!params.grammar.empty()) throw std::invalid_argument("grammar: not with chat (use response_format)");
+    const ChatPrompt chat = chat_templates_->apply(inputs);
+    // The template writes BOS itself where the model wants one, and its special tokens
+    // as text: parse them, add nothing.
+    std::vector<llama_token> prompt = common_tokenize(vocab_, chat.prompt, false, true);
+    for (const auto & stop : chat.additional_stops) params.stop_sequences.push_back(stop);
+    if (!chat.grammar.empty()) {
+        params.grammar = chat.grammar;
+        params.grammar_type = chat.grammar_type;
+        params.grammar_lazy = chat.grammar_lazy;
+        params.grammar_triggers = chat.grammar_triggers;
+        params.preserved_tokens = chat.preserved_tokens;
+        params.generation_prompt = chat.generation_prompt;
+    }
+    return submit(std::move(prompt), params, std::make_unique<ChatStream>(chat));
+}
+
+std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const SamplingParams & params,
+                                        std::unique_ptr<ChatStream> chat) {
     validate(prompt, params);
     {
         std::lock_guard<std::mutex> lock(mu_);
@@ -330,6 +383,7 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
             throw QueueFullError("the wait queue is full (" + std::to_string(params_.max_queue) + " requests waiting)");
         }
         req = std::make_shared<Request>(next_id_++, std::move(prompt), params, smpl);
+        req->chat = std::move(chat);
         queue_.push_back(req);
         requests_total_++;
         prompt_tokens_total_ += req->prompt.size();
@@ -573,7 +627,21 @@ void Engine::emit(Slot & slot, const std::string & text) {
     // with the next chunk that has text.
     if (text.empty()) return;
     Event ev;
-    ev.text = text;
+    if (slot.req->chat) {
+        // A chat chunk is a change of the message: text the parser cannot place yet (a
+        // tag begun) rides along with the next chunk that changes it.
+        slot.chat_pending_text += text;
+        ev.chat_deltas = slot.req->chat->update(slot.delivered_text + slot.chat_pending_text, true);
+        if (ev.chat_deltas.empty()) return;
+        ev.text = std::move(slot.chat_pending_text);
+        slot.chat_pending_text.clear();
+    } else {
+        ev.text = text;
+    }
+    push_chunk(slot, std::move(ev));
+}
+
+void Engine::push_chunk(Slot & slot, Event ev) {
     ev.token_ids = std::move(slot.chunk_tokens);
     ev.n_tokens = static_cast<int32_t>(slot.generated.size());
     if (slot.req->params.logprobs >= 0) {
@@ -581,8 +649,18 @@ void Engine::emit(Slot & slot, const std::string & text) {
     }
     slot.chunk_tokens.clear();
     slot.chunk_logprobs.clear();
-    slot.delivered_text += text;
+    slot.delivered_text += ev.text;
     slot.req->push(std::move(ev));
+}
+
+void Engine::finish_chat(Slot & slot) {
+    // The output is whole: parse it as such (a call the partial parse held back, e.g.
+    // one whose name had no arguments yet, is complete now).
+    Event ev;
+    ev.chat_deltas = slot.req->chat->update(slot.delivered_text + slot.chat_pending_text, false);
+    ev.text = std::move(slot.chat_pending_text);
+    slot.chat_pending_text.clear();
+    if (!ev.chat_deltas.empty()) push_chunk(slot, std::move(ev));
 }
 
 void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_sequence, const std::string & error,
@@ -590,6 +668,9 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     const Request & req = *slot.req;
     if (error.empty() && (reason == StopReason::LENGTH || reason == StopReason::EOS)) {
         emit(slot, slot.text->flush());
+    }
+    if (req.chat && error.empty() && reason != StopReason::CANCELLED) {
+        finish_chat(slot);
     }
     const auto now = Request::clock::now();
     Event ev;
@@ -602,6 +683,7 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     }
     ev.stop_reason = reason;
     ev.stop_sequence = stop_sequence;
+    if (req.chat) ev.chat_message = req.chat->message();
     ev.prompt_tokens = static_cast<int32_t>(req.prompt.size());
     ev.error = error;
     ev.error_field = error_field;
@@ -644,7 +726,8 @@ void Engine::sample_slot(Slot & slot) {
     if (cur->selected < 0 || static_cast<size_t>(cur->selected) >= cur->size ||
         !(cur->data[cur->selected].logit > -INFINITY)) {
         guarded_failures_total_++;
-        const bool grammar = !req.params.grammar.empty();
+        // A chat grammar comes from the template: only logit_bias can empty it.
+        const bool grammar = !req.params.grammar.empty() && !req.chat;
         finish(slot, StopReason::CANCELLED, "",
                grammar ? "no token is allowed: the grammar and logit_bias together exclude every token"
                        : "no token is allowed: logit_bias (or the sampler chain) excludes every token",
@@ -703,10 +786,11 @@ void Engine::after_decode() {
             // more than the bound per step does not stay in the shared batch.
             guarded_failures_total_++;
             const bool grammar = !slot.req->params.grammar.empty();
+            const char * field = slot.req->chat ? (grammar ? "tools" : "samplers") : (grammar ? "grammar" : "samplers");
             char why[160];
             snprintf(why, sizeof why, "too costly: sampling took %.0f ms of CPU in one step; the server allows %.0f ms per step",
                      cpu_ms, params_.max_sample_ms);
-            finish(slot, StopReason::CANCELLED, "", why, grammar ? "grammar" : "samplers");
+            finish(slot, StopReason::CANCELLED, "", why, field);
         }
     }
 }

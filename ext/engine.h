@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "chat_bridge.h"
 #include "llama.h"
 #include "prompt_cache.h"
 #include "request.h"
@@ -59,6 +60,9 @@ struct EngineParams {
     bool cache_prompt = true;
     // Host-RAM cache of evicted sequence states, in bytes (0: off).
     uint64_t cache_ram_bytes = 512ull << 20;
+
+    // Chat: a Jinja template's source replacing the model's own (empty: the model's).
+    std::string chat_template;
 };
 
 struct ModelInfo {
@@ -91,7 +95,16 @@ public:
     Engine & operator=(const Engine &) = delete;
 
     // Thread-safe. Throws InvalidGrammarError, QueueFullError, EngineClosedError, std::invalid_argument.
-    std::shared_ptr<Request> submit(std::vector<llama_token> prompt, const SamplingParams & params);
+    std::shared_ptr<Request> submit(std::vector<llama_token> prompt, const SamplingParams & params,
+                                    std::unique_ptr<ChatStream> chat = nullptr);
+
+    // Chat: render the messages with the model's template, then submit like `submit`; the
+    // request's chunks carry the assistant message's deltas, its final the message.
+    // Thread-safe. Throws std::invalid_argument ("field: problem") for what the template
+    // or the tools cannot take, and what `submit` throws.
+    std::shared_ptr<Request> submit_chat(const ChatInputs & inputs, SamplingParams params);
+    // The rendered prompt and constraints, without submitting (tests, tooling).
+    ChatPrompt apply_chat(const ChatInputs & inputs) const;
 
     // Cancel everything, stop the scheduler and free the context. Idempotent; call from one thread.
     void close();
@@ -127,6 +140,8 @@ private:
     void after_decode();
     void sample_slot(Slot & slot);
     void emit(Slot & slot, const std::string & text);
+    void push_chunk(Slot & slot, Event ev);
+    void finish_chat(Slot & slot);
     void finish(Slot & slot, StopReason reason, const std::string & stop_sequence = "", const std::string & error = "",
                 const std::string & error_field = "");
     bool backlogged(const Slot & slot) const;
@@ -149,6 +164,7 @@ private:
     llama_context * ctx_ = nullptr;
     const llama_vocab * vocab_ = nullptr;
     int32_t n_ctx_seq_ = 0;
+    std::unique_ptr<ChatTemplates> chat_templates_;
     llama_batch batch_{};
     std::vector<Slot> slots_;
     int32_t n_vocab_ = 0;

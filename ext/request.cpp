@@ -40,6 +40,10 @@ size_t event_bytes(const Event & ev) {
             for (const auto & t : lp.top) n += 16 + t.text.size();
         }
     }
+    for (const auto & d : ev.chat_deltas) {
+        n += 32 + d.content.size() + d.reasoning_content.size() + d.tool_id.size() + d.tool_name.size() +
+             d.tool_arguments.size();
+    }
     return n;
 }
 

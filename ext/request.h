@@ -7,11 +7,13 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "chat_bridge.h"
 #include "llama.h"
 
 struct common_sampler;
@@ -39,6 +41,13 @@ struct SamplingParams {
     std::string grammar;
     std::vector<std::string> samplers;  // empty: llama.cpp common's default order
     bool cache_prompt = true;           // reuse a cached prefix of the prompt (if the engine caches)
+
+    // Set by chat (from the template), never by callers: how the grammar applies.
+    int32_t grammar_type = 1;  // common_grammar_type; 1: the caller's own GBNF
+    bool grammar_lazy = false;  // applies from the first trigger on
+    std::vector<ChatTrigger> grammar_triggers;
+    std::vector<std::string> preserved_tokens;  // tokens a trigger may be
+    std::string generation_prompt;  // what the prompt ends with, fed to a chat grammar first
 };
 
 struct TopLogprob {
@@ -61,6 +70,10 @@ struct Event {
     std::vector<int32_t> token_ids;   // this chunk's tokens, or all generated tokens when final
     int32_t n_tokens = 0;             // tokens generated so far (cumulative)
     std::optional<std::vector<TokenLogprob>> logprobs;
+    // Chat: the assistant message's changes in this chunk, and the whole message (as
+    // delivered) on the final event.
+    std::vector<ChatDelta> chat_deltas;
+    std::optional<ChatMessage> chat_message;
 
     // final only
     StopReason stop_reason = StopReason::LENGTH;
@@ -90,6 +103,8 @@ public:
     const std::vector<llama_token> prompt;
     const SamplingParams params;
     common_sampler * const sampler;  // owned; used only by the scheduler thread once submitted
+    // Chat requests: parses the output into the assistant message (scheduler thread only).
+    std::unique_ptr<ChatStream> chat;
 
     // Caller side. All are thread-safe; wait() blocks and must be called without the GIL.
     void cancel() { cancelled_.store(true, std::memory_order_relaxed); }

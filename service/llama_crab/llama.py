@@ -6,17 +6,28 @@ engine's C++ scheduler thread with the GIL released.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Optional, Union
+from typing import Any, Callable, Generic, Mapping, Optional, TypeVar, Union
 
 from llama_crab_client.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
     UnavailableError,
+)
+from llama_crab_client.chat import (
+    ChatChunk,
+    ChatCompletion,
+    ChatCompletionCallback,
+    ChatMessage,
+    ChatRequest,
+    ResponseFormat,
+    Tool,
+    chat_completion_from_delivered,
 )
 from llama_crab_client.session import Session
 from llama_crab_client.types import (
@@ -37,14 +48,17 @@ from llama_crab_client.types import (
 )
 
 from . import _engine
+from .chat_events import ChatEvents, native_chat_inputs
 from .logs import install_llama_log_bridge
 from .params import LlamaParams
 from .session_file import SessionFile, model_identity, read_session_file, write_session_file
 
-__all__ = ["CompletionHandle", "CompletionStream", "EngineMetrics", "Event", "Llama"]
+__all__ = ["ChatCompletionStream", "CompletionHandle", "CompletionStream", "EngineMetrics", "Event", "Llama"]
 
-Event = Union[Chunk, Completion]
+Event = Union[Chunk, Completion, ChatChunk, ChatCompletion]
 Prompt = Union[str, Sequence[int]]
+Messages = Sequence[Union[ChatMessage, Mapping[str, Any]]]
+Tools = Optional[Sequence[Union[Tool, Mapping[str, Any]]]]
 
 _STOP_REASONS = {
     _engine.StopReason.LENGTH: StopReason.LENGTH,
@@ -126,14 +140,16 @@ class EngineMetrics:
 
 
 class CompletionHandle:
-    """A submitted request: zero or more `Chunk` events, then exactly one `Completion`.
+    """A submitted request: zero or more `Chunk` events, then exactly one `Completion`
+    (a chat request: `ChatChunk` events, then one `ChatCompletion`).
 
     `fileno()` becomes readable whenever events are waiting, so an asyncio loop can
     watch it (`loop.add_reader`) and call `poll()` without a thread per stream.
     """
 
-    def __init__(self, native: _engine.Request) -> None:
+    def __init__(self, native: _engine.Request, convert: Callable[[_engine.Event], Event] = _to_event) -> None:
         self._native = native
+        self._to_event = convert
         self.done = False
         # A failed final that arrived behind chunks: raised on the next call, so the
         # chunks before it are still delivered.
@@ -162,7 +178,7 @@ class CompletionHandle:
         out: list[Event] = []
         for e in events:
             try:
-                out.append(_to_event(e))
+                out.append(self._to_event(e))
             except Exception as error:
                 if not out:
                     raise
@@ -201,46 +217,61 @@ class CompletionHandle:
         self._native.close()
 
 
-class CompletionStream:
+C = TypeVar("C", Chunk, ChatChunk)
+F = TypeVar("F", Completion, ChatCompletion)
+
+
+class _Stream(Generic[C, F]):
     """Iterate chunks; `completion` holds the final result once iteration ends.
 
     Leaving the loop early (break, exception, `close()`, or the stream being dropped)
     counts as STOP: generation is cancelled and `completion` holds what was delivered.
     """
 
+    _final_type: type
+
     def __init__(self, handle: CompletionHandle) -> None:
         self._handle = handle
-        self._delivered: list[Chunk] = []
+        self._delivered: list[C] = []
         self._pending: list[Event] = []
-        self.completion: Optional[Completion] = None
+        self.completion: Optional[F] = None
 
-    def __iter__(self) -> CompletionStream:
+    def _from_delivered(self, final: F, delivered: list[C]) -> F:
+        raise NotImplementedError
+
+    def _closing_chunk(self, final: F) -> Optional[C]:
+        return None  # a chunk that closes the stream, built from the final (chat only)
+
+    def __iter__(self) -> _Stream[C, F]:
         return self
 
-    def __next__(self) -> Chunk:
+    def __next__(self) -> C:
         while self.completion is None:
             if not self._pending:
                 self._pending = self._handle.wait()
                 continue
             event = self._pending.pop(0)
-            if isinstance(event, Completion):
-                self.completion = event
+            if isinstance(event, self._final_type):
+                self.completion = event  # type: ignore[assignment]
                 self._handle.close()
+                closing = self._closing_chunk(event)  # type: ignore[arg-type]
+                if closing is not None:
+                    return closing
                 break
-            self._delivered.append(event)
-            return event
+            self._delivered.append(event)  # type: ignore[arg-type]
+            return event  # type: ignore[return-value]
         raise StopIteration
 
-    def close(self) -> Completion:
-        """Stop now (if not finished) and return the Completion of what was delivered."""
+    def close(self) -> F:
+        """Stop now (if not finished) and return the result of what was delivered."""
         if self.completion is None:
             self._handle.cancel()
-            final = next(e for e in self._handle.events() if isinstance(e, Completion))
+            final = next(e for e in self._handle.events() if isinstance(e, self._final_type))
             self._handle.close()
-            self.completion = completion_from_delivered(final, self._delivered)
+            self.completion = self._from_delivered(final, self._delivered)  # type: ignore[arg-type]
         return self.completion
 
-    def __enter__(self) -> CompletionStream:
+    def __enter__(self) -> _Stream[C, F]:
         return self
 
     def __exit__(
@@ -259,6 +290,40 @@ class CompletionStream:
                 pass
 
 
+class CompletionStream(_Stream[Chunk, Completion]):
+    """Iterate `Chunk`s; `completion` holds the final `Completion` once iteration ends."""
+
+    _final_type = Completion
+
+    def _from_delivered(self, final: Completion, delivered: list[Chunk]) -> Completion:
+        return completion_from_delivered(final, delivered)
+
+
+class ChatCompletionStream(_Stream[ChatChunk, ChatCompletion]):
+    """Iterate `ChatChunk`s (the last one has the finish reason and usage); `completion`
+    holds the `ChatCompletion` once iteration ends."""
+
+    _final_type = ChatCompletion
+
+    def _from_delivered(self, final: ChatCompletion, delivered: list[ChatChunk]) -> ChatCompletion:
+        return chat_completion_from_delivered(delivered, final=final)
+
+    def _closing_chunk(self, final: ChatCompletion) -> Optional[ChatChunk]:
+        return final.last_chunk()
+
+
+def _run_stream(stream: _Stream[C, F], callback: Callable[[C], Optional[StreamControl]]) -> F:
+    try:
+        for chunk in stream:
+            if callback(chunk) is StreamControl.STOP:
+                return stream.close()
+    except BaseException:
+        stream.close()
+        raise
+    assert stream.completion is not None
+    return stream.completion
+
+
 class Llama:
     """A loaded model serving completions from one context, `n_parallel` at a time."""
 
@@ -267,6 +332,7 @@ class Llama:
         self.params = params
         self._closed = False
         self._lock = threading.Lock()
+        self._model_info: Optional[ModelInfo] = None
 
     @classmethod
     def load(cls, params: Union[LlamaParams, str, "os.PathLike[str]"]) -> Llama:
@@ -302,6 +368,8 @@ class Llama:
         native.slow_reader_timeout_ms = -1 if params.slow_reader_timeout is None else int(params.slow_reader_timeout * 1000)
         native.cache_prompt = params.cache_prompt
         native.cache_ram_bytes = params.cache_ram_mib << 20
+        if params.chat_template is not None:
+            native.chat_template = params.chat_template
         try:
             engine = _engine.Engine(native)
         except _engine.ModelLoadError as e:
@@ -354,6 +422,11 @@ class Llama:
         self._check_open()
         return ModelInfo.from_attributes(self._engine.model_info())
 
+    def _info(self) -> ModelInfo:
+        if self._model_info is None:
+            self._model_info = self.model_info()
+        return self._model_info
+
     def metrics(self) -> EngineMetrics:
         return EngineMetrics(self._engine.metrics())
 
@@ -395,6 +468,14 @@ class Llama:
             raise InvalidArgumentError.for_field(
                 "prompt", f"is {len(tokens)} tokens; a sequence's context holds {limit} (prompt must be shorter)"
             )
+        return self._submit_native(lambda sp: self._engine.submit(tokens, sp), options, _to_event)
+
+    def _submit_native(
+        self,
+        submit: Callable[[_engine.SamplingParams], _engine.Request],
+        options: CompletionOptions,
+        convert: Callable[[_engine.Event], Event],
+    ) -> CompletionHandle:
         sp = _engine.SamplingParams()
         sp.max_tokens = options.max_tokens
         sp.stop_sequences = list(options.stop_sequences)
@@ -415,7 +496,7 @@ class Llama:
         sp.samplers = list(options.samplers) if options.samplers is not None else []
         sp.cache_prompt = options.cache_prompt
         try:
-            return CompletionHandle(self._engine.submit(tokens, sp))
+            return CompletionHandle(submit(sp), convert)
         except _engine.InvalidGrammarError as e:
             raise InvalidArgumentError.for_field("grammar", str(e)) from None
         except _engine.QueueFullError as e:
@@ -444,14 +525,88 @@ class Llama:
         text with stop reason CANCELLED. An exception from the callback cancels the
         request and propagates; the Llama stays usable.
         """
-        stream = self.stream(prompt, options)
+        return _run_stream(self.stream(prompt, options), callback)
+
+    # ---- chat -----------------------------------------------------------------------
+    def _chat_inputs(self, request: ChatRequest, add_generation_prompt: bool = True) -> _engine.ChatInputs:
+        problems = request.violations()
+        if request.tools and not self._info().has_chat_template:
+            problems.append(
+                FieldViolation("tools", "this model has no chat template, so it has no tool-call format")
+            )
+        for i, tool in enumerate(request.tools):
+            if isinstance(tool.parameters, Mapping):
+                why = _engine.json_schema_problem(json.dumps(tool.parameters))
+                if why:
+                    problems.append(FieldViolation(f"tools[{i}].parameters", why))
+        if problems:
+            raise InvalidArgumentError.from_violations(problems)
+        return native_chat_inputs(request, add_generation_prompt)
+
+    def apply_chat_template(
+        self, messages: Messages, tools: Tools = None, add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text the model's chat template makes of `messages` (and `tools`)."""
+        self._check_open()
+        inputs = self._chat_inputs(ChatRequest.build(messages, tools), add_generation_prompt)
         try:
-            for chunk in stream:
-                if callback(chunk) is StreamControl.STOP:
-                    return stream.close()
-        except BaseException:
-            stream.close()
-            raise
+            return str(self._engine.apply_chat(inputs).prompt)
+        except ValueError as e:
+            field, _, why = str(e).partition(": ")
+            raise InvalidArgumentError.for_field(field if why else "messages", why or field) from None
+
+    def submit_chat(self, request: ChatRequest, options: Optional[CompletionOptions] = None) -> CompletionHandle:
+        """Queue a chat reply; its handle yields `ChatChunk`s, then one `ChatCompletion`.
+        Raises like `submit` (InvalidArgumentError naming the field, ...)."""
+        self._check_open()
+        options = options or CompletionOptions()
+        problems = options.violations(self._engine.n_vocab())
+        if options.grammar is not None:
+            problems.append(FieldViolation("grammar", "not with chat: use response_format"))
+        if problems:
+            raise InvalidArgumentError.from_violations(problems)
+        inputs = self._chat_inputs(request)
+        events = ChatEvents(self._info().name or os.path.basename(self.params.model_path))
+        return self._submit_native(lambda sp: self._engine.submit_chat(inputs, sp), options, events)
+
+    def chat_stream(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions] = None,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+    ) -> ChatCompletionStream:
+        """Iterate `ChatChunk`s: `for chunk in llama.chat_stream(...)`; leaving the loop is STOP."""
+        request = ChatRequest.build(messages, tools, tool_choice, response_format)
+        return ChatCompletionStream(self.submit_chat(request, options))
+
+    def create_chat_completion_stream(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions],
+        callback: ChatCompletionCallback,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+    ) -> ChatCompletion:
+        """Stream `ChatChunk`s to `callback` and return the `ChatCompletion`, with the
+        semantics of `create_completion_stream`: after STOP the result's message holds
+        exactly the delivered deltas, finish reason `cancelled`."""
+        return _run_stream(self.chat_stream(messages, options, tools, tool_choice, response_format), callback)
+
+    def create_chat_completion(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions] = None,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+    ) -> ChatCompletion:
+        """Generate the whole reply and return the `ChatCompletion`."""
+        stream = self.chat_stream(messages, options, tools, tool_choice, response_format)
+        for _ in stream:
+            pass
         assert stream.completion is not None
         return stream.completion
 

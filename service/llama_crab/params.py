@@ -46,6 +46,9 @@ class LlamaParams:
     # host-RAM cache, `cache_ram_mib` of it; 0 = off) holds, and prefills only the rest.
     cache_prompt: bool = True
     cache_ram_mib: int = 512
+    # Chat: a Jinja chat template's source used instead of the model's own (None: the
+    # model's; a model without one gets llama.cpp's ChatML fallback).
+    chat_template: Optional[str] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", os.fspath(self.model_path))
@@ -97,6 +100,9 @@ class LlamaParams:
             return self._with(cache_prompt=cache_prompt)
         return self._with(cache_prompt=cache_prompt, cache_ram_mib=cache_ram_mib)
 
+    def with_chat_template(self, source: Optional[str]) -> LlamaParams:
+        return self._with(chat_template=source)
+
     def with_backpressure(self, max_buffered_bytes: int, slow_reader_timeout: Optional[float] = 120.0) -> LlamaParams:
         return self._with(max_buffered_bytes=max_buffered_bytes, slow_reader_timeout=slow_reader_timeout)
 
@@ -124,6 +130,8 @@ class LlamaParams:
         timeout = self.slow_reader_timeout
         if timeout is not None and (not isinstance(timeout, (int, float)) or not 0 <= timeout <= 2e6):
             out.append(("slow_reader_timeout", "must be None or a number of seconds >= 0"))
+        if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template.strip()):
+            out.append(("chat_template", "must be None or a template's source text"))
         if self.flash_attn not in ("auto", "on", "off"):
             out.append(("flash_attn", "must be 'auto', 'on' or 'off'"))
         if not isinstance(self.seed, int) or not 0 <= self.seed <= 0xFFFFFFFF:
