@@ -202,6 +202,7 @@ NB_MODULE(_engine, m) {
         .def_ro("n_ctx", &ModelInfo::n_ctx)
         .def_ro("n_vocab", &ModelInfo::n_vocab)
         .def_ro("has_chat_template", &ModelInfo::has_chat_template)
+        .def_ro("supports_tools", &ModelInfo::supports_tools)
         .def_ro("n_slots", &ModelInfo::n_slots);
 
     nb::class_<Metrics>(m, "Metrics")

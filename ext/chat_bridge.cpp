@@ -105,6 +105,11 @@ std::string ChatTemplates::source() const {
     return common_chat_templates_source(tmpls_);
 }
 
+bool ChatTemplates::supports_tools() const {
+    auto caps = common_chat_templates_get_caps(tmpls_);
+    return caps["supports_tools"] && caps["supports_tool_calls"];
+}
+
 ChatPrompt ChatTemplates::apply(const ChatInputs & in) const {
     common_chat_templates_inputs ci;
     for (size_t i = 0; i < in.messages.size(); ++i) {

@@ -85,6 +85,8 @@ public:
     // or the tool schemas cannot take.
     ChatPrompt apply(const ChatInputs & inputs) const;
     std::string source() const;
+    // The template renders tools and tool calls (a tool-call format to parse and constrain).
+    bool supports_tools() const;
 
 private:
     common_chat_templates * tmpls_ = nullptr;

@@ -993,7 +993,8 @@ ModelInfo Engine::model_info() const {
     info.n_ctx_train = llama_model_n_ctx_train(model_);
     info.n_ctx = static_cast<int32_t>(llama_n_ctx(ctx_));
     info.n_vocab = llama_vocab_n_tokens(vocab_);
-    info.has_chat_template = llama_model_chat_template(model_, nullptr) != nullptr;
+    info.has_chat_template = llama_model_chat_template(model_, nullptr) != nullptr || !params_.chat_template.empty();
+    info.supports_tools = info.has_chat_template && chat_templates_->supports_tools();
     info.n_slots = static_cast<int32_t>(slots_.size());
     return info;
 }

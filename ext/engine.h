@@ -70,6 +70,7 @@ struct ModelInfo {
     uint64_t n_params = 0;
     int32_t n_ctx_train = 0, n_ctx = 0, n_vocab = 0, n_slots = 0;
     bool has_chat_template = false;
+    bool supports_tools = false;  // the chat template has a tool-call format
 };
 
 struct Metrics {

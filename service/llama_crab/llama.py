@@ -29,6 +29,7 @@ from llama_crab_client.chat import (
     Tool,
     chat_completion_from_delivered,
 )
+from llama_crab_client.chat_session import ChatSession
 from llama_crab_client.session import Session
 from llama_crab_client.types import (
     LIMITS,
@@ -530,10 +531,11 @@ class Llama:
     # ---- chat -----------------------------------------------------------------------
     def _chat_inputs(self, request: ChatRequest, add_generation_prompt: bool = True) -> _engine.ChatInputs:
         problems = request.violations()
-        if request.tools and not self._info().has_chat_template:
-            problems.append(
-                FieldViolation("tools", "this model has no chat template, so it has no tool-call format")
+        if request.tools and request.tool_choice != "none" and not self._info().supports_tools:
+            why = "this model's chat template has no tool-call format" if self._info().has_chat_template else (
+                "this model has no chat template, so it has no tool-call format"
             )
+            problems.append(FieldViolation("tools", why))
         for i, tool in enumerate(request.tools):
             if isinstance(tool.parameters, Mapping):
                 why = _engine.json_schema_problem(json.dumps(tool.parameters))
@@ -642,6 +644,13 @@ class Llama:
             except ValueError as e:
                 raise InvalidArgumentError.for_field("session", f"{os.fspath(path)!r}: {e}") from None
         return Session(self, saved.tokens)
+
+    def chat_session(
+        self, system: Optional[str] = None, tools: Sequence[Tool] = (), messages: Sequence[ChatMessage] = ()
+    ) -> ChatSession:
+        """A conversation kept across turns (`ChatSession`); the prefix cache makes each turn
+        compute only its new tokens."""
+        return ChatSession(self, system, tools, messages)
 
     def session(self, tokens: Sequence[int] = ()) -> Session:
         """A token history continued across calls (`Session`): each turn's prompt is the

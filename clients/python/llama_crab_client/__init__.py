@@ -11,9 +11,21 @@
 
 from __future__ import annotations
 
-from .aio import AsyncClient, AsyncRemoteCompletionStream
-from .client import Client, RemoteCompletionStream
-from .session import AsyncSession, Session
+from typing import TYPE_CHECKING, Any
+
+from .chat import (
+    ChatChunk,
+    ChatCompletion,
+    ChatDelta,
+    ChatMessage,
+    ChatRequest,
+    FinishReason,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 from .errors import (
     DeadlineExceededError,
     InternalError,
@@ -38,30 +50,74 @@ from .types import (
     Usage,
 )
 
+if TYPE_CHECKING:
+    from .aio import AsyncClient, AsyncRemoteCompletionStream
+    from .chat_session import AsyncChatSession, ChatSession
+    from .client import Client, RemoteCompletionStream
+    from .session import AsyncSession, Session
+
 __version__ = "0.1.0"
 
+# The clients need grpc; the types above do not. Import the clients on first use, so
+# `import llama_crab_client.types` (or `.chat`) works without grpc installed.
+_LAZY = {
+    "AsyncClient": ".aio",
+    "AsyncRemoteCompletionStream": ".aio",
+    "Client": ".client",
+    "RemoteCompletionStream": ".client",
+    "AsyncSession": ".session",
+    "Session": ".session",
+    "AsyncChatSession": ".chat_session",
+    "ChatSession": ".chat_session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "AsyncChatSession",
     "AsyncClient",
     "AsyncRemoteCompletionStream",
     "AsyncSession",
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatDelta",
+    "ChatMessage",
+    "ChatRequest",
+    "ChatSession",
     "Chunk",
     "Client",
     "Completion",
     "CompletionOptions",
     "DeadlineExceededError",
     "FieldViolation",
+    "FinishReason",
     "InternalError",
     "InvalidArgumentError",
     "LlamaCrabError",
     "ModelInfo",
     "PermissionDeniedError",
     "RemoteCompletionStream",
+    "ResponseFormat",
     "ResourceExhaustedError",
     "Session",
     "StopReason",
     "StreamControl",
     "Timings",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolChoice",
     "TopLogprob",
     "UnauthenticatedError",
     "UnavailableError",

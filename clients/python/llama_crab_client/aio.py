@@ -10,18 +10,20 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
 
 import grpc
 
 from . import convert
-from .calls import Prompt, complete_call, detokenize_request, tokenize_request
+from .calls import Prompt, StreamClock, chat_call, complete_call, detokenize_request, tokenize_request
+from .chat import ChatCompletion, ChatMessage, ChatRequest, ResponseFormat, Tool
+from .chat_stream import AsyncChatCallback, AsyncRemoteChatStream, run_async_chat_stream
 from .channel import ClientBase
-from .client import StreamClock
 from .errors import InternalError
 from .status import from_rpc_error
+from .chat_session import AsyncChatSession
 from .session import AsyncSession
 from .types import (
     Chunk,
@@ -40,6 +42,10 @@ __all__ = ["AsyncClient", "AsyncCompletionCallback", "AsyncRemoteCompletionStrea
 AsyncCompletionCallback = Callable[
     [Chunk], Union[Optional[StreamControl], Awaitable[Optional[StreamControl]]]
 ]
+
+
+Messages = Sequence[Union[ChatMessage, Mapping[str, Any]]]
+Tools = Optional[Sequence[Union[Tool, Mapping[str, Any]]]]
 
 
 class AsyncRemoteCompletionStream:
@@ -190,6 +196,61 @@ class AsyncClient(ClientBase):
             assert stream.completion is not None
             return stream.completion
 
+    # ---- chat -----------------------------------------------------------------------
+    def chat_stream(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions] = None,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> AsyncRemoteChatStream:
+        """`async for chunk in client.chat_stream(...)` (inside `async with` to cancel on leaving)."""
+        request = chat_call(ChatRequest.build(messages, tools, tool_choice, response_format), options)
+        return AsyncRemoteChatStream(self._stub.Chat(request, **self._call_kwargs(timeout, request_id)))
+
+    async def create_chat_completion_stream(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions],
+        callback: AsyncChatCallback,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> ChatCompletion:
+        """Stream `ChatChunk`s to `callback` (plain or async); STOP cancels the RPC and the
+        result holds exactly the delivered deltas."""
+        stream = self.chat_stream(
+            messages, options, tools, tool_choice, response_format, timeout=timeout, request_id=request_id
+        )
+        return await run_async_chat_stream(stream, callback)
+
+    async def create_chat_completion(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions] = None,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> ChatCompletion:
+        """Generate the whole reply and return the `ChatCompletion`."""
+        async with self.chat_stream(
+            messages, options, tools, tool_choice, response_format, timeout=timeout, request_id=request_id
+        ) as stream:
+            async for _ in stream:
+                pass
+            assert stream.completion is not None
+            return stream.completion
+
     async def _unary(self, method: Any, request: Any, timeout: Optional[float], request_id: Optional[str]) -> Any:
         try:
             return await method(request, **self._call_kwargs(timeout, request_id))
@@ -209,6 +270,13 @@ class AsyncClient(ClientBase):
             self._stub.Tokenize, tokenize_request(text, add_special, parse_special), timeout, request_id
         )
         return list(reply.tokens)
+
+    def chat_session(
+        self, system: Optional[str] = None, tools: Sequence[Tool] = (), messages: Sequence[ChatMessage] = ()
+    ) -> AsyncChatSession:
+        """A conversation kept across turns (`AsyncChatSession`); the prefix cache makes each turn
+        compute only its new tokens."""
+        return AsyncChatSession(self, system, tools, messages)
 
     def session(self, tokens: Sequence[int] = ()) -> AsyncSession:
         """A token history continued across calls (`AsyncSession`); the server's prefix

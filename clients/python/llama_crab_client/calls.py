@@ -8,16 +8,18 @@ with the same `InvalidArgumentError` and field as in process. What needs the mod
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
 from . import convert
+from .chat import ChatRequest
 from .errors import InvalidArgumentError
-from .types import CompletionOptions
+from .types import CompletionOptions, FieldViolation, Timings
 from .v1 import llama_crab_pb2 as pb
 
-__all__ = ["CompleteCall", "complete_call", "detokenize_request", "tokenize_request"]
+__all__ = ["CompleteCall", "StreamClock", "chat_call", "complete_call", "detokenize_request", "tokenize_request"]
 
 Prompt = Union[str, Sequence[int]]
 
@@ -74,3 +76,36 @@ def tokenize_request(text: str, add_special: bool, parse_special: bool) -> pb.To
 
 def detokenize_request(tokens: Sequence[int]) -> pb.DetokenizeRequest:
     return pb.DetokenizeRequest(tokens=_check_token_ids(tokens, "tokens"))
+
+
+def chat_call(request: ChatRequest, options: Optional[CompletionOptions]) -> pb.ChatRequest:
+    """A validated Chat request (the same checks as in process; schemas and the template
+    are checked by the server)."""
+    options = CompletionOptions() if options is None else options
+    if not isinstance(options, CompletionOptions):
+        raise TypeError(f"options must be a CompletionOptions, not {type(options).__name__}")
+    problems = options.violations() + request.violations()
+    if options.grammar is not None:
+        problems.append(FieldViolation("grammar", "not with chat: use response_format"))
+    if problems:
+        raise InvalidArgumentError.from_violations(problems)
+    return convert.chat_request_to_proto(request, options)
+
+
+def _elapsed_ms(since: float) -> float:
+    return (time.monotonic() - since) * 1000.0
+
+
+class StreamClock:
+    """Client-side timings for a stream the client cut short (the server's never arrive)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first_chunk_ms: Optional[float] = None
+
+    def chunk(self) -> None:
+        if self.first_chunk_ms is None:
+            self.first_chunk_ms = _elapsed_ms(self.started)
+
+    def timings(self) -> Timings:
+        return Timings(time_to_first_token_ms=self.first_chunk_ms or 0.0, total_ms=_elapsed_ms(self.started))

@@ -11,18 +11,20 @@ CANCELLED, as in process.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import grpc
 
 from . import convert
-from .calls import Prompt, complete_call, detokenize_request, tokenize_request
+from .calls import Prompt, StreamClock, chat_call, complete_call, detokenize_request, tokenize_request
+from .chat import ChatCompletion, ChatCompletionCallback, ChatMessage, ChatRequest, ResponseFormat, Tool
+from .chat_stream import RemoteChatStream, run_chat_stream
 from .channel import ClientBase
 from .errors import InternalError
 from .status import from_rpc_error
+from .chat_session import ChatSession
 from .session import Session
 from .types import (
     Chunk,
@@ -31,32 +33,16 @@ from .types import (
     CompletionOptions,
     ModelInfo,
     StreamControl,
-    Timings,
     completion_from_delivered,
 )
 from .v1 import llama_crab_pb2 as pb
 from .v1 import llama_crab_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "RemoteCompletionStream"]
+__all__ = ["Client", "RemoteCompletionStream", "StreamClock"]
 
 
-def _elapsed_ms(since: float) -> float:
-    return (time.monotonic() - since) * 1000.0
-
-
-class StreamClock:
-    """Client-side timings for a stream the client cut short (the server's never arrive)."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.first_chunk_ms: Optional[float] = None
-
-    def chunk(self) -> None:
-        if self.first_chunk_ms is None:
-            self.first_chunk_ms = _elapsed_ms(self.started)
-
-    def timings(self) -> Timings:
-        return Timings(time_to_first_token_ms=self.first_chunk_ms or 0.0, total_ms=_elapsed_ms(self.started))
+Messages = Sequence[Union[ChatMessage, Mapping[str, Any]]]
+Tools = Optional[Sequence[Union[Tool, Mapping[str, Any]]]]
 
 
 class RemoteCompletionStream:
@@ -205,6 +191,61 @@ class Client(ClientBase):
             assert stream.completion is not None
             return stream.completion
 
+    # ---- chat -----------------------------------------------------------------------
+    def chat_stream(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions] = None,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> RemoteChatStream:
+        """Iterate `ChatChunk`s: `for chunk in client.chat_stream(...)`; leaving the loop is STOP."""
+        request = chat_call(ChatRequest.build(messages, tools, tool_choice, response_format), options)
+        return RemoteChatStream(self._stub.Chat(request, **self._call_kwargs(timeout, request_id)))
+
+    def create_chat_completion_stream(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions],
+        callback: ChatCompletionCallback,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> ChatCompletion:
+        """Stream `ChatChunk`s to `callback`; STOP cancels the RPC and the result holds
+        exactly the delivered deltas (finish reason `cancelled`)."""
+        stream = self.chat_stream(
+            messages, options, tools, tool_choice, response_format, timeout=timeout, request_id=request_id
+        )
+        return run_chat_stream(stream, callback)
+
+    def create_chat_completion(
+        self,
+        messages: Messages,
+        options: Optional[CompletionOptions] = None,
+        tools: Tools = None,
+        tool_choice: Union[str, Mapping[str, Any], None] = None,
+        response_format: Union[ResponseFormat, Mapping[str, Any], None] = None,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> ChatCompletion:
+        """Generate the whole reply and return the `ChatCompletion`."""
+        with self.chat_stream(
+            messages, options, tools, tool_choice, response_format, timeout=timeout, request_id=request_id
+        ) as stream:
+            for _ in stream:
+                pass
+            assert stream.completion is not None
+            return stream.completion
+
     def _unary(self, method: Any, request: Any, timeout: Optional[float], request_id: Optional[str]) -> Any:
         try:
             return method(request, **self._call_kwargs(timeout, request_id))
@@ -237,6 +278,13 @@ class Client(ClientBase):
     def model_info(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
         reply: pb.GetModelResponse = self._unary(self._stub.GetModel, pb.GetModelRequest(), timeout, request_id)
         return convert.model_info_from_proto(reply)
+
+    def chat_session(
+        self, system: Optional[str] = None, tools: Sequence[Tool] = (), messages: Sequence[ChatMessage] = ()
+    ) -> ChatSession:
+        """A conversation kept across turns (`ChatSession`); the prefix cache makes each turn
+        compute only its new tokens."""
+        return ChatSession(self, system, tools, messages)
 
     def session(self, tokens: Sequence[int] = ()) -> Session:
         """A token history continued across calls (`Session`); the server's prefix cache

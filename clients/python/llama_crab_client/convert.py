@@ -7,13 +7,28 @@ either side of the wire. Unset optional proto fields take `CompletionOptions`' d
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+from .chat import (
+    ChatChunk,
+    ChatCompletion,
+    ChatDelta,
+    ChatMessage,
+    ChatRequest,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
+from .errors import InvalidArgumentError
 from .types import (
     Chunk,
     Completion,
     CompletionOptions,
+    FieldViolation,
     ModelInfo,
     StopReason,
     Timings,
@@ -24,6 +39,12 @@ from .types import (
 from .v1 import llama_crab_pb2 as pb
 
 __all__ = [
+    "ChatStreamHeader",
+    "chat_chunk_response_to_proto",
+    "chat_completion_response_to_proto",
+    "chat_request_from_proto",
+    "chat_request_to_proto",
+    "chat_response_from_proto",
     "chunk_response_to_proto",
     "complete_request_from_proto",
     "complete_request_to_proto",
@@ -229,3 +250,173 @@ def model_info_to_proto(m: ModelInfo) -> pb.GetModelResponse:
 
 def model_info_from_proto(r: pb.GetModelResponse) -> ModelInfo:
     return ModelInfo.from_attributes(r.model)
+
+
+# ---- chat -------------------------------------------------------------------------------
+def _message_to_proto(m: ChatMessage) -> pb.ChatMessage:
+    msg = pb.ChatMessage(
+        role=m.role,
+        tool_calls=[pb.ChatToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls],
+        tool_call_id=m.tool_call_id or "",
+        name=m.name or "",
+        reasoning_content=m.reasoning_content or "",
+    )
+    if m.content is not None:
+        msg.content = m.content
+    return msg
+
+
+def _message_from_proto(m: pb.ChatMessage) -> ChatMessage:
+    return ChatMessage(
+        role=m.role,
+        content=m.content if m.HasField("content") else None,
+        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+        tool_call_id=m.tool_call_id or None,
+        name=m.name or None,
+        reasoning_content=m.reasoning_content or None,
+    )
+
+
+def chat_request_to_proto(request: ChatRequest, options: Optional[CompletionOptions]) -> pb.ChatRequest:
+    msg = pb.ChatRequest(
+        messages=[_message_to_proto(m) for m in request.messages],
+        tools=[
+            pb.ChatTool(name=t.name, description=t.description, parameters=json.dumps(dict(t.parameters)))
+            for t in request.tools
+        ],
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
+        options=options_to_proto(options or _DEFAULTS),
+    )
+    rf = request.response_format
+    if rf is not None:
+        msg.response_format.CopyFrom(
+            pb.ChatResponseFormat(type=rf.type, schema=json.dumps(rf.schema) if rf.schema is not None else "", name=rf.name)
+        )
+    return msg
+
+
+def _json_field(text: str, field: str, violations: list[FieldViolation]) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        violations.append(FieldViolation(field, f"not JSON: {e}"))
+        return None
+
+
+def chat_request_from_proto(m: pb.ChatRequest) -> tuple[ChatRequest, CompletionOptions]:
+    """Raises InvalidArgumentError for JSON text fields that do not parse (the field named)."""
+    problems: list[FieldViolation] = []
+    tools = []
+    for i, t in enumerate(m.tools):
+        parameters = _json_field(t.parameters, f"tools[{i}].parameters", problems) if t.parameters else None
+        tools.append(Tool(t.name, t.description, parameters if parameters is not None else {"type": "object", "properties": {}}))
+    response_format = None
+    if m.HasField("response_format"):
+        rf = m.response_format
+        schema = _json_field(rf.schema, "response_format", problems) if rf.schema else None
+        response_format = ResponseFormat(rf.type or "text", schema, rf.name or "response")
+    if problems:
+        raise InvalidArgumentError.from_violations(problems)
+    request = ChatRequest(
+        messages=tuple(_message_from_proto(x) for x in m.messages),
+        tools=tuple(tools),
+        tool_choice=m.tool_choice or ToolChoice.AUTO,
+        response_format=response_format,
+        parallel_tool_calls=m.parallel_tool_calls,
+    )
+    return request, options_from_proto(m.options)
+
+
+def _usage_to_proto(u: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
+
+
+def _timings_to_proto(t: Timings) -> pb.Timings:
+    return pb.Timings(
+        queue_ms=t.queue_ms,
+        time_to_first_token_ms=t.time_to_first_token_ms,
+        prompt_tokens_per_second=t.prompt_tokens_per_second,
+        decode_tokens_per_second=t.decode_tokens_per_second,
+        total_ms=t.total_ms,
+    )
+
+
+def _timings_from_proto(t: pb.Timings) -> Timings:
+    return Timings(
+        queue_ms=t.queue_ms,
+        time_to_first_token_ms=t.time_to_first_token_ms,
+        prompt_tokens_per_second=t.prompt_tokens_per_second,
+        decode_tokens_per_second=t.decode_tokens_per_second,
+        total_ms=t.total_ms,
+    )
+
+
+def chat_chunk_response_to_proto(c: ChatChunk, first: bool = False, prompt_tokens: int = 0) -> pb.ChatResponse:
+    """`first`: a stream's first chunk also carries the reply's id, time, model, prompt length."""
+    delta = pb.ChatDelta(
+        role=c.delta.role or "",
+        tool_calls=[
+            pb.ToolCallDelta(index=d.index, id=d.id or "", name=d.name or "", arguments=d.arguments)
+            for d in c.delta.tool_calls
+        ],
+    )
+    if c.delta.content is not None:
+        delta.content = c.delta.content
+    if c.delta.reasoning_content is not None:
+        delta.reasoning_content = c.delta.reasoning_content
+    chunk = pb.ChatChunk(delta=delta, token_ids=list(c.token_ids), n_tokens=c.n_tokens)
+    if first:
+        chunk.id, chunk.created, chunk.model, chunk.prompt_tokens = c.id, c.created, c.model, prompt_tokens
+    return pb.ChatResponse(chunk=chunk)
+
+
+def chat_completion_response_to_proto(c: ChatCompletion) -> pb.ChatResponse:
+    return pb.ChatResponse(
+        completion=pb.ChatCompletion(
+            id=c.id,
+            created=c.created,
+            model=c.model,
+            message=_message_to_proto(c.message),
+            finish_reason=c.finish_reason,
+            usage=_usage_to_proto(c.usage),
+            timings=_timings_to_proto(c.timings),
+        )
+    )
+
+
+@dataclasses.dataclass
+class ChatStreamHeader:
+    """What a Chat stream's first chunk says once for all: the reply's id, time, model
+    and the prompt's length (the client's later chunks reuse it)."""
+
+    id: str = ""
+    created: int = 0
+    model: str = ""
+    prompt_tokens: int = 0
+
+
+def chat_response_from_proto(m: pb.ChatResponse, header: ChatStreamHeader) -> Union[ChatChunk, ChatCompletion]:
+    """A ChatChunk or the final ChatCompletion; `header` is filled from the first chunk."""
+    if m.WhichOneof("response") == "chunk":
+        c = m.chunk
+        if c.id:
+            header.id, header.created, header.model, header.prompt_tokens = c.id, c.created, c.model, c.prompt_tokens
+        d = c.delta
+        delta = ChatDelta(
+            role=d.role or None,
+            content=d.content if d.HasField("content") else None,
+            reasoning_content=d.reasoning_content if d.HasField("reasoning_content") else None,
+            tool_calls=tuple(ToolCallDelta(t.index, t.id or None, t.name or None, t.arguments) for t in d.tool_calls),
+        )
+        return ChatChunk(header.id, header.created, header.model, delta, tuple(c.token_ids), c.n_tokens)
+    f = m.completion
+    return ChatCompletion(
+        id=f.id,
+        created=f.created,
+        model=f.model,
+        message=_message_from_proto(f.message),
+        finish_reason=f.finish_reason,
+        usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.cached_tokens),
+        timings=_timings_from_proto(f.timings),
+    )

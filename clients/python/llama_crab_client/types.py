@@ -163,6 +163,8 @@ class ModelInfo:
     n_vocab: int
     has_chat_template: bool
     n_slots: int
+    # The chat template has a tool-call format (tools can be offered in chat).
+    supports_tools: bool = False
 
     @classmethod
     def from_attributes(cls, source: Any) -> ModelInfo:

@@ -17,16 +17,18 @@ import logging
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from llama_crab_client.errors import LlamaCrabError
+from llama_crab_client.chat import ChatChunk, ChatCompletion
 from llama_crab_client.types import Chunk, Completion
 
 if TYPE_CHECKING:
     from ..llama import CompletionHandle
 
-__all__ = ["EngineFailure", "HandleRelay"]
+__all__ = ["EngineFailure", "Final", "HandleRelay"]
 
 _log = logging.getLogger("llama_crab.server")
 
-Event = Union[Chunk, Completion]
+Event = Union[Chunk, Completion, ChatChunk, ChatCompletion]
+Final = Union[Completion, ChatCompletion]
 
 
 class EngineFailure(RuntimeError):
@@ -34,7 +36,8 @@ class EngineFailure(RuntimeError):
 
 
 class HandleRelay:
-    """Events of one handle as awaitables: `await relay.next()` until the Completion."""
+    """Events of one handle as awaitables: `await relay.next()` until the final
+    (`Completion`, or `ChatCompletion` for a chat request)."""
 
     def __init__(self, handle: CompletionHandle, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         self._handle = handle
@@ -42,8 +45,8 @@ class HandleRelay:
         self._fd = handle.fileno()
         self._pending: collections.deque[Event] = collections.deque()
         self._wakeup: Optional[asyncio.Future[None]] = None
-        self._on_close: list[Callable[[Optional[Completion], Optional[BaseException]], None]] = []
-        self.final: Optional[Completion] = None
+        self._on_close: list[Callable[[Optional[Final], Optional[BaseException]], None]] = []
+        self.final: Optional[Final] = None
         self.error: Optional[BaseException] = None
         self.closed = False
         self.cancelled = False
@@ -78,7 +81,7 @@ class HandleRelay:
             self._handle.cancel()
             self._watch()  # drain to the final even if nobody reads any more
 
-    def add_close_callback(self, callback: Callable[[Optional[Completion], Optional[BaseException]], None]) -> None:
+    def add_close_callback(self, callback: Callable[[Optional[Final], Optional[BaseException]], None]) -> None:
         """`callback(final, error)` once the handle is closed (right away if it already is)."""
         if self.closed:
             callback(self.final, self.error)
@@ -107,7 +110,7 @@ class HandleRelay:
             self.error = e
         for event in events:
             self._pending.append(event)
-            if isinstance(event, Completion):
+            if isinstance(event, (Completion, ChatCompletion)):
                 self.final = event
         if self.final is not None or self.error is not None:
             self._close()

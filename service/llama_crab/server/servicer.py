@@ -19,13 +19,13 @@ from grpc import aio
 
 from llama_crab_client import convert, status
 from llama_crab_client.errors import InternalError, LlamaCrabError, UnavailableError
-from llama_crab_client.types import Chunk, Completion, CompletionOptions, StopReason, completion_from_delivered
 from llama_crab_client.v1 import llama_crab_pb2 as pb
 from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
 
 from .logs import REQUEST_ID_KEY, log_event, new_request_id, request_id_var
 from .metrics import ServiceMetrics
-from .relay import EngineFailure, HandleRelay
+from .relay import Final, HandleRelay
+from .streaming import CHAT, COMPLETE, StreamEncoder, StreamProgress, final_as_delivered, relay_stream
 
 if TYPE_CHECKING:
     from ..llama import CompletionHandle, Llama
@@ -53,34 +53,8 @@ class _Call:
     streamed: bool = False
 
 
-@dataclass
-class _StreamProgress:
-    """What a Complete stream has delivered so far (the truth for logs and metrics)."""
-
-    prompt_tokens: int = 0
-    chunks: list[Chunk] = field(default_factory=list)
-    first_chunk_at: Optional[float] = None
-    last_chunk_at: Optional[float] = None
-    # Accounting waits for both: the handle closed (final known) and the handler done
-    # (every chunk it will deliver is in `chunks`), whichever comes last.
-    handler_done: bool = False
-    handle_closed: bool = False
-    accounted: bool = False
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
-
-
-def _delivered(final: Completion, progress: _StreamProgress) -> Completion:
-    """The Completion of a stream cut short: exactly what reached the client."""
-    if final.stop_reason is not StopReason.CANCELLED:
-        return final  # it finished on its own before the cancel landed
-    return completion_from_delivered(final, progress.chunks)
-
-
 class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
-    """Complete (server streaming), Tokenize, Detokenize, GetModel."""
+    """Complete and Chat (server streaming), Tokenize, Detokenize, GetModel."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._metrics = metrics
@@ -178,67 +152,59 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         async with self._observe("Complete", context) as call:
             llama = self._ready_llama(allow_draining=False)
             prompt, options = convert.complete_request_from_proto(request)
-            handle = await _submit(llama, prompt, options)
-            relay = HandleRelay(handle)
-            progress = _StreamProgress(prompt_tokens=handle.prompt_tokens)
-            self._track(relay, call, progress)
-            try:
-                await self._relay(relay, progress, context)
-            except asyncio.CancelledError:
-                call.code = _cancel_code(context)  # known before the accounting below
-                raise
-            except LlamaCrabError as e:
-                call.code = e.status
-                raise
-            except _CallGone:
-                call.code = _cancel_code(context)
-                raise
-            finally:
-                # Cancelled call, passed deadline, dropped connection or write failure:
-                # stop generating now; the relay closes the handle when the final arrives.
-                relay.cancel()
-                progress.handler_done = True
-                self._account(call, progress, relay)
+            handle = await _in_worker(llama.submit, prompt, options)
+            await self._stream(call, handle, COMPLETE, context)
 
-    async def _relay(self, relay: HandleRelay, progress: _StreamProgress, context: Context) -> None:
-        while True:
-            try:
-                event = await relay.next()
-            except EngineFailure as e:
-                raise InternalError(f"generation failed: {e}") from e
-            if isinstance(event, Completion):
-                if relay.cancelled:  # cancelled by drain: report what the client received
-                    event = _delivered(event, progress)
-                await _write(context, convert.completion_response_to_proto(event))
-                return
-            now = time.monotonic()
-            first = progress.first_chunk_at is None
-            if first:
-                progress.first_chunk_at = now
-            elif progress.last_chunk_at is not None and event.token_ids:
-                gap = (now - progress.last_chunk_at) / len(event.token_ids)
-                for _ in event.token_ids:
-                    self._metrics.token_latency.observe(gap)
-            progress.last_chunk_at = now
-            progress.chunks.append(event)
-            # The first chunk carries the prompt length, for clients that stop early.
-            await _write(context, convert.chunk_response_to_proto(event, progress.prompt_tokens if first else 0))
+    async def Chat(self, request: pb.ChatRequest, context: Context) -> None:  # type: ignore[override]
+        async with self._observe("Chat", context) as call:
+            llama = self._ready_llama(allow_draining=False)
+            chat, options = convert.chat_request_from_proto(request)
+            handle = await _in_worker(llama.submit_chat, chat, options)
+            await self._stream(call, handle, CHAT, context)
 
-    def _track(self, relay: HandleRelay, call: _Call, progress: _StreamProgress) -> None:
+    async def _stream(
+        self, call: _Call, handle: CompletionHandle, encoder: StreamEncoder[Any, Any], context: Context
+    ) -> None:
+        relay = HandleRelay(handle)
+        progress: StreamProgress[Any] = StreamProgress(prompt_tokens=handle.prompt_tokens)
+        self._track(relay, call, progress, encoder)
+        try:
+            await relay_stream(relay, progress, encoder, lambda m: _write(context, m), self._metrics)
+        except asyncio.CancelledError:
+            call.code = _cancel_code(context)  # known before the accounting below
+            raise
+        except LlamaCrabError as e:
+            call.code = e.status
+            raise
+        except _CallGone:
+            call.code = _cancel_code(context)
+            raise
+        finally:
+            # Cancelled call, passed deadline, dropped connection or write failure:
+            # stop generating now; the relay closes the handle when the final arrives.
+            relay.cancel()
+            progress.handler_done = True
+            self._account(call, progress, relay, encoder)
+
+    def _track(
+        self, relay: HandleRelay, call: _Call, progress: StreamProgress[Any], encoder: StreamEncoder[Any, Any]
+    ) -> None:
         call.streamed = True
         self._streams.add(relay)
         self._idle.clear()
 
-        def closed(final: Optional[Completion], error: Optional[BaseException]) -> None:
+        def closed(final: Optional[Final], error: Optional[BaseException]) -> None:
             self._streams.discard(relay)
             if not self._streams:
                 self._idle.set()
             progress.handle_closed = True
-            self._account(call, progress, relay)
+            self._account(call, progress, relay, encoder)
 
         relay.add_close_callback(closed)
 
-    def _account(self, call: _Call, progress: _StreamProgress, relay: HandleRelay) -> None:
+    def _account(
+        self, call: _Call, progress: StreamProgress[Any], relay: HandleRelay, encoder: StreamEncoder[Any, Any]
+    ) -> None:
         """Metrics and the log line of a finished completion (normal, cancelled or failed)."""
         if progress.accounted or not (progress.handler_done and progress.handle_closed):
             return
@@ -256,11 +222,11 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         }
         if final is not None:
             if relay.cancelled:
-                final = _delivered(final, progress)
+                final = final_as_delivered(encoder, final, progress)
             m.prompt_tokens.inc(final.usage.prompt_tokens)
-            m.completions.labels(stop_reason=final.stop_reason.value).inc()
+            m.completions.labels(stop_reason=encoder.stop_reason(final)).inc()
             fields.update(
-                stop_reason=final.stop_reason.value,
+                stop_reason=encoder.stop_reason(final),
                 prompt_tokens=final.usage.prompt_tokens,
                 cached_tokens=final.usage.cached_tokens,
                 queue_ms=round(final.timings.queue_ms, 3),
@@ -312,11 +278,12 @@ async def _write(context: Context, message: pb.CompleteResponse) -> None:
         raise _CallGone(str(e)) from e
 
 
-async def _submit(llama: Llama, prompt: convert.Prompt, options: CompletionOptions) -> CompletionHandle:
-    """`llama.submit` in a worker thread: tokenizing and parsing a grammar can take a
-    while, and the event loop relays every other stream meanwhile. A call cancelled while
-    the submission runs still gets its request released once it exists."""
-    future = asyncio.get_running_loop().run_in_executor(None, llama.submit, prompt, options)
+async def _in_worker(submit: Callable[..., CompletionHandle], *args: Any) -> CompletionHandle:
+    """`llama.submit` (or `submit_chat`) in a worker thread: tokenizing, rendering a chat
+    template and parsing a grammar can take a while, and the event loop relays every
+    other stream meanwhile. A call cancelled while the submission runs still gets its
+    request released once it exists."""
+    future = asyncio.get_running_loop().run_in_executor(None, submit, *args)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
