@@ -1,4 +1,4 @@
-"""The Node client (clients/node, @grpc/grpc-js) streams, cancels and sees errors against a
+"""The Node client (clients/node, @grpc/grpc-js) streams, chats, cancels and sees errors against a
 live in-process server: the contract works from another language."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_node_client_against_live_server(server_address: str) -> None:
     proc = subprocess.run(
         [npm, "test"],
         cwd=NODE_DIR,
-        env={**os.environ, "LLAMA_CRAB_ADDR": server_address},
+        env={**os.environ, "LLAMA_CRAB_SERVER": server_address},
         capture_output=True,
         text=True,
         timeout=300,

@@ -2,10 +2,11 @@
 'use strict';
 // Stream a completion to stdout:
 //   node complete.js "Once upon a time" --server localhost:50051 --max-tokens 32 [--json] [--token T]
+// --server defaults to $LLAMA_CRAB_SERVER (as the Python CLI), else $LLAMA_CRAB_ADDR, else localhost:50051.
 // Ctrl-C cancels the RPC (the server frees the slot at once) and exits 130.
 
 const { parseArgs } = require('node:util');
-const { LlamaCrabClient } = require('./index.js');
+const { LlamaCrabClient, defaultAddress } = require('./index.js');
 
 function usage(message) {
   if (message) process.stderr.write(`complete.js: ${message}\n`);
@@ -22,7 +23,7 @@ async function main() {
     parsed = parseArgs({
       allowPositionals: true,
       options: {
-        server: { type: 'string', default: process.env.LLAMA_CRAB_ADDR || 'localhost:50051' },
+        server: { type: 'string', default: defaultAddress() },
         'max-tokens': { type: 'string', default: '16' },
         temperature: { type: 'string' },
         seed: { type: 'string' },

@@ -22,4 +22,4 @@ PY
   sleep 1
 done
 if [ "$serving" != 1 ]; then cat "$log" >&2; echo "test-live.sh: the server did not start serving" >&2; exit 1; fi
-LLAMA_CRAB_ADDR="127.0.0.1:$port" npm test
+LLAMA_CRAB_SERVER="127.0.0.1:$port" npm test

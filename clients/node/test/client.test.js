@@ -1,13 +1,15 @@
 'use strict';
-// Runs against a live llama-crab server: LLAMA_CRAB_ADDR=host:port npm test
-// (LLAMA_CRAB_TOKEN too if the server requires one). Skipped when LLAMA_CRAB_ADDR is unset.
+// Runs against a live llama-crab server: LLAMA_CRAB_SERVER=host:port npm test
+// (LLAMA_CRAB_ADDR is read too; LLAMA_CRAB_TOKEN if the server requires one). Skipped when
+// neither is set. The chat tests expect a model with a chat template (the test model,
+// smollm2, has ChatML).
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { LlamaCrabClient, LlamaCrabError } = require('../index.js');
+const { LlamaCrabClient, LlamaCrabError, defaultAddress } = require('../index.js');
 
-const ADDR = process.env.LLAMA_CRAB_ADDR;
-const skip = ADDR ? false : 'LLAMA_CRAB_ADDR is not set (host:port of a running llama-crab server)';
+const ADDR = process.env.LLAMA_CRAB_SERVER || process.env.LLAMA_CRAB_ADDR ? defaultAddress() : null;
+const skip = ADDR ? false : 'LLAMA_CRAB_SERVER is not set (host:port of a running llama-crab server)';
 
 function client() {
   return new LlamaCrabClient(ADDR, { token: process.env.LLAMA_CRAB_TOKEN, timeoutMs: 60000 });
@@ -69,6 +71,10 @@ test("returning 'stop' cancels and the Completion holds exactly the delivered ch
     assert.equal(seen.length, 2);
     assert.equal(done.stop_reason, 'STOP_REASON_CANCELLED');
     assert.equal(done.text, seen.map((ch) => ch.text).join(''));
+    // The first chunk carries the prompt's length; the partial Completion reports it.
+    assert.ok(seen[0].prompt_tokens > 0);
+    assert.equal(done.usage.prompt_tokens, seen[0].prompt_tokens);
+    assert.equal(done.usage.completion_tokens, seen.flatMap((ch) => ch.token_ids).length);
     // The server keeps serving after a cancel.
     const next = await c.complete('Hello', { max_tokens: 4 });
     assert.ok(next.token_ids.length > 0);
@@ -87,6 +93,89 @@ test('invalid options fail with INVALID_ARGUMENT naming the field', { skip }, as
       return true;
     });
     await assert.rejects(c.complete('Hello', { max_tokens: 4, top_p: 2 }), (err) => err.field === 'top_p');
+  } finally {
+    c.close();
+  }
+});
+
+const HELLO = [
+  { role: 'system', content: 'You are a helpful assistant.' },
+  { role: 'user', content: 'Say hello in one short sentence.' },
+];
+
+test('a streamed chat reply: content deltas join to the final message, OpenAI-shaped', { skip }, async () => {
+  const c = client();
+  try {
+    const chunks = [];
+    const done = await c.chat(HELLO, { max_tokens: 12 }, { onChunk: (ch) => chunks.push(ch) });
+    assert.ok(chunks.length > 0);
+    const first = chunks[0].toOpenAI();
+    assert.equal(first.object, 'chat.completion.chunk');
+    assert.match(first.id, /^chatcmpl-/);
+    assert.equal(first.choices[0].delta.role, 'assistant');
+    assert.deepEqual(Object.keys(first.choices[0]), ['index', 'delta', 'logprobs', 'finish_reason']);
+    // Every chunk carries the first chunk's id, created, model and prompt length.
+    for (const ch of chunks) {
+      assert.equal(ch.id, done.id);
+      assert.equal(ch.created, done.created);
+      assert.equal(ch.model, done.model);
+      assert.equal(ch.prompt_tokens, done.usage.prompt_tokens);
+    }
+    assert.equal(done.object, 'chat.completion');
+    const [choice] = done.choices;
+    assert.equal(choice.message.role, 'assistant');
+    assert.ok(choice.message.content.length > 0);
+    assert.equal(chunks.map((ch) => ch.delta.content || '').join(''), choice.message.content);
+    assert.equal(choice.message.tool_calls, undefined);
+    assert.ok(['stop', 'length'].includes(choice.finish_reason));
+    assert.ok(done.usage.prompt_tokens > 0);
+    assert.equal(done.usage.completion_tokens, chunks.flatMap((ch) => ch.token_ids).length);
+    assert.equal(done.usage.total_tokens, done.usage.prompt_tokens + done.usage.completion_tokens);
+    assert.equal(typeof done.usage.prompt_tokens_details.cached_tokens, 'number');
+  } finally {
+    c.close();
+  }
+});
+
+test("chat: returning 'stop' after the first chunk gives exactly the delivered content, 'cancelled'", { skip }, async () => {
+  const c = client();
+  try {
+    const seen = [];
+    const done = await c.chat(
+      [{ role: 'user', content: 'Tell me a long story about a dragon.' }],
+      { max_tokens: 48 },
+      {
+        onChunk: (ch) => {
+          seen.push(ch);
+          return 'stop';
+        },
+      },
+    );
+    assert.equal(seen.length, 1);
+    assert.equal(done.choices[0].finish_reason, 'cancelled');
+    assert.ok(seen[0].delta.content); // greedy: the first chunk has reply text
+    assert.equal(done.choices[0].message.content, seen[0].delta.content);
+    assert.equal(done.id, seen[0].id);
+    assert.equal(done.usage.prompt_tokens, seen[0].prompt_tokens);
+    assert.ok(done.usage.prompt_tokens > 0);
+    assert.equal(done.usage.completion_tokens, seen[0].token_ids.length);
+    // The server keeps serving after a cancel.
+    const next = await c.chat(HELLO, { max_tokens: 4 });
+    assert.ok(next.usage.completion_tokens > 0);
+  } finally {
+    c.close();
+  }
+});
+
+test('chat: an unknown role fails with INVALID_ARGUMENT naming messages[0].role', { skip }, async () => {
+  const c = client();
+  try {
+    await assert.rejects(c.chat([{ role: 'wizard', content: 'Hi' }], { max_tokens: 4 }), (err) => {
+      assert.ok(err instanceof LlamaCrabError);
+      assert.equal(err.status, 'INVALID_ARGUMENT');
+      assert.equal(err.field, 'messages[0].role');
+      return true;
+    });
   } finally {
     c.close();
   }
