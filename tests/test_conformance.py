@@ -9,13 +9,12 @@ in-process engine (greedy decoding is deterministic), never from constants.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import threading
-from collections.abc import Coroutine, Iterator, Sequence
-from typing import Any, Optional, Protocol, TypeVar, Union
+from collections.abc import Iterator, Sequence
+from typing import Optional, Protocol, Union
 
 import pytest
+from helpers import LoopThread
 
 from llama_crab import Llama
 from llama_crab_client import AsyncClient, Client
@@ -30,7 +29,6 @@ from llama_crab_client.types import (
     StreamControl,
 )
 
-T = TypeVar("T")
 Prompt = Union[str, Sequence[int]]
 
 BACKENDS = ["local", "remote", "remote-aio"]
@@ -48,18 +46,6 @@ class Backend(Protocol):
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     def model_info(self) -> ModelInfo: ...
-
-
-class LoopThread:
-    """A long-lived event loop on its own thread: grpc.aio channels stay bound to one loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="conformance-aio", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
 
 
 class AsyncClientBackend:

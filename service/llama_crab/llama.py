@@ -476,6 +476,7 @@ class Llama:
         submit: Callable[[_engine.SamplingParams], _engine.Request],
         options: CompletionOptions,
         convert: Callable[[_engine.Event], Event],
+        grammar_field: str = "grammar",
     ) -> CompletionHandle:
         sp = _engine.SamplingParams()
         sp.max_tokens = options.max_tokens
@@ -499,7 +500,7 @@ class Llama:
         try:
             return CompletionHandle(submit(sp), convert)
         except _engine.InvalidGrammarError as e:
-            raise InvalidArgumentError.for_field("grammar", str(e)) from None
+            raise InvalidArgumentError.for_field(grammar_field, str(e)) from None
         except _engine.QueueFullError as e:
             raise ResourceExhaustedError(str(e)) from None
         except _engine.EngineClosedError as e:
@@ -569,7 +570,9 @@ class Llama:
             raise InvalidArgumentError.from_violations(problems)
         inputs = self._chat_inputs(request)
         events = ChatEvents(self._info().name or os.path.basename(self.params.model_path))
-        return self._submit_native(lambda sp: self._engine.submit_chat(inputs, sp), options, events)
+        # A chat grammar comes from the response format or the tools: blame what made it.
+        grammar_field = "response_format" if request.response_format is not None else "tools"
+        return self._submit_native(lambda sp: self._engine.submit_chat(inputs, sp), options, events, grammar_field)
 
     def chat_stream(
         self,

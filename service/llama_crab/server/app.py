@@ -224,8 +224,14 @@ def load_llama(config: ServeConfig) -> Llama:
         slow_reader_timeout=None if config.slow_reader_timeout < 0 else config.slow_reader_timeout,
         cache_prompt=config.cache_prompt,
         cache_ram_mib=config.cache_ram,
+        chat_template=_read_text(config.chat_template) if config.chat_template else None,
     )
     return Llama.load(params)
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 async def _serve(config: ServeConfig) -> int:

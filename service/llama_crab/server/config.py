@@ -41,6 +41,8 @@ class ServeConfig:
     # prefix cache (see LlamaParams)
     cache_prompt: bool = True
     cache_ram: int = 512
+    # chat: a Jinja template file used instead of the model's own
+    chat_template: Optional[str] = None
     # network
     host: str = "127.0.0.1"
     port: int = 50051
@@ -109,7 +111,7 @@ class ServeConfig:
             out.append(("tls_cert", "--tls-cert and --tls-key go together"))
         if self.tls_client_ca is not None and self.tls_cert is None:
             out.append(("tls_client_ca", "needs --tls-cert and --tls-key (mutual TLS is TLS first)"))
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "chat_template"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 out.append((name, f"no such file: {path!r}"))
@@ -194,6 +196,13 @@ OPTIONS: tuple[Option, ...] = (
         int,
         "MIB",
         "host-RAM cache of evicted prompt prefixes (KV), restored when a later prompt shares them (0 = off)",
+    ),
+    Option(
+        "chat_template",
+        str,
+        "FILE",
+        "a Jinja chat template file used by Chat instead of the model's own (e.g. for a GGUF without one)",
+        unset="the model's (ChatML if it has none)",
     ),
     Option("max_grammar_bytes", int, "BYTES", "largest GBNF grammar a request may carry (0 = no limit)"),
     Option(
