@@ -9,6 +9,17 @@
     )
 """
 
+from llama_crab_client.chat import (
+    ChatChunk,
+    ChatCompletion,
+    ChatMessage,
+    FinishReason,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+from llama_crab_client.chat_session import ChatSession
 from llama_crab_client.errors import (
     InvalidArgumentError,
     LlamaCrabError,
@@ -32,10 +43,15 @@ from llama_crab_client.types import (
 
 from llama_crab_client.session import Session
 
-from .llama import CompletionHandle, CompletionStream, EngineMetrics, Llama
+from .llama import ChatCompletionStream, CompletionHandle, CompletionStream, EngineMetrics, Llama
 from .params import LlamaParams
 
 __all__ = [
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatCompletionStream",
+    "ChatMessage",
+    "ChatSession",
     "Chunk",
     "Completion",
     "CompletionCallback",
@@ -44,17 +60,22 @@ __all__ = [
     "CompletionStream",
     "EngineMetrics",
     "FieldViolation",
+    "FinishReason",
     "InvalidArgumentError",
     "Llama",
     "LlamaCrabError",
     "LlamaParams",
     "ModelInfo",
     "ResourceExhaustedError",
+    "ResponseFormat",
     "Session",
     "StopReason",
     "StreamControl",
     "Timings",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
     "TopLogprob",
     "UnavailableError",
     "Usage",
