@@ -1,4 +1,5 @@
-"""`llama-crab-client complete "prompt" --server HOST:PORT` (and `llama-crab complete`).
+"""`llama-crab-client complete "prompt" --server HOST:PORT` (and `llama-crab complete`);
+`llama-crab-client chat` lives in `repl.py`.
 
 Streams the text to stdout as it arrives; `--json` prints one JSON object per chunk and
 then the final completion. Ctrl-C cancels the request and exits 130 without a traceback.
@@ -42,13 +43,21 @@ def event_json(event: Chunk | Completion) -> str:
     return json.dumps({"type": kind, **_jsonable(event)}, ensure_ascii=False)
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(
+    parser: argparse.ArgumentParser, *, local_alternative: bool = False, request_id: bool = True
+) -> None:
+    """The connection flags. `local_alternative`: --server is optional (default None, the
+    caller then runs a model in process) and $LLAMA_CRAB_SERVER does not apply."""
     g = parser.add_argument_group("connection")
-    g.add_argument(
-        "--server",
-        default=os.environ.get("LLAMA_CRAB_SERVER", "localhost:50051"),
-        help="HOST:PORT or a gRPC target (dns:///host:port, ipv4:a:p,b:p) [$LLAMA_CRAB_SERVER, localhost:50051]",
-    )
+    target = "HOST:PORT or a gRPC target (dns:///host:port, ipv4:a:p,b:p)"
+    if local_alternative:
+        g.add_argument("--server", default=None, help=f"talk to this server instead of loading a model: {target}")
+    else:
+        g.add_argument(
+            "--server",
+            default=os.environ.get("LLAMA_CRAB_SERVER", "localhost:50051"),
+            help=f"{target} [$LLAMA_CRAB_SERVER, localhost:50051]",
+        )
     g.add_argument("--token", default=None, help="bearer token [$LLAMA_CRAB_TOKEN]")
     g.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     g.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) to verify the server with (implies --tls)")
@@ -56,7 +65,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
     g.add_argument("--tls-server-name", metavar="NAME", help="expected server name, if not the target's host")
     g.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of the call")
-    g.add_argument("--request-id", default=None, help="x-request-id to send (shows in the server's logs)")
+    if request_id:
+        g.add_argument("--request-id", default=None, help="x-request-id to send (shows in the server's logs)")
 
 
 def client_from_args(args: argparse.Namespace) -> Client:
@@ -185,9 +195,12 @@ def _silence_stdout() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .repl import add_chat_parser  # it imports this module
+
     parser = argparse.ArgumentParser(prog="llama-crab-client", description="Talk to a llama-crab server.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_complete_parser(sub)
+    add_chat_parser(sub)
     return parser
 
 
