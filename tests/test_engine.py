@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from llama_crab import (
     Chunk,
@@ -413,3 +414,22 @@ def test_llama_cpp_log_goes_through_logging(model_path: str, caplog: pytest.LogC
     finally:
         logger.setLevel(old)
         Llama.load(LlamaParams(model_path).with_n_ctx(256)).close()  # re-reads the level: quiet again
+
+
+def test_stop_after_the_final_arrived_still_returns_the_delivered_completion(llama: Llama) -> None:
+    # The final can already sit among the events taken from the engine when the callback
+    # says STOP (the callback was slow; generation finished meanwhile): STOP still returns
+    # exactly the delivered chunks.
+    seen: list[Chunk] = []
+
+    def slow_then_stop(chunk: Chunk) -> StreamControl:
+        seen.append(chunk)
+        if len(seen) == 1:
+            assert wait_until(lambda: llama.metrics().busy_slots == 0)  # the request finished
+            return StreamControl.CONTINUE
+        return StreamControl.STOP
+
+    completion = llama.create_completion_stream("Once upon a time", CompletionOptions(8), slow_then_stop)
+    assert len(seen) == 2
+    assert completion.stop_reason is StopReason.CANCELLED
+    assert completion.text == "".join(c.text for c in seen)

@@ -6,6 +6,7 @@ engine's C++ scheduler thread with the GIL released.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -267,7 +268,11 @@ class _Stream(Generic[C, F]):
         """Stop now (if not finished) and return the result of what was delivered."""
         if self.completion is None:
             self._handle.cancel()
-            final = next(e for e in self._handle.events() if isinstance(e, self._final_type))
+            # The final may already wait among the events taken but not yet handed out.
+            final = next(
+                e for e in itertools.chain(self._pending, self._handle.events()) if isinstance(e, self._final_type)
+            )
+            self._pending = []
             self._handle.close()
             self.completion = self._from_delivered(final, self._delivered)  # type: ignore[arg-type]
         return self.completion
