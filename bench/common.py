@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import statistics
 import subprocess
 import tempfile
@@ -64,6 +65,8 @@ class StreamTiming:
     # The engine's own view, from the final Completion's timings.
     engine_ttft_ms: float = 0.0
     engine_decode_tps: float = 0.0
+    # When the stream was over for its consumer: the final message received too.
+    ended: Optional[float] = None
 
     def chunk(self, total_tokens: int) -> None:
         """A chunk arrived; `total_tokens` is Chunk.n_tokens (cumulative)."""
@@ -88,9 +91,10 @@ class StreamTiming:
 
 
 class ChunkStream(Protocol):
-    """`Llama.stream()` and `Client.stream()` alike: chunks, then `.completion`."""
+    """`Llama.stream()`, `Client.stream()` and `Client.chat_stream()` alike: chunks, then `.completion`."""
 
-    completion: Any
+    @property
+    def completion(self) -> Any: ...
 
     def __iter__(self) -> Iterator[Any]: ...
 
@@ -101,6 +105,7 @@ def time_stream(start: Callable[[], ChunkStream]) -> StreamTiming:
     stream = start()
     for chunk in stream:
         timing.chunk(int(chunk.n_tokens))
+    timing.ended = time.perf_counter()
     if stream.completion is not None:
         timing.engine_ttft_ms = float(stream.completion.timings.time_to_first_token_ms)
         timing.engine_decode_tps = float(stream.completion.timings.decode_tokens_per_second)
@@ -187,6 +192,34 @@ def load_average() -> Optional[tuple[float, float, float]]:
         return os.getloadavg()
     except OSError:
         return None
+
+
+def loadavg_text() -> str:
+    load = load_average()
+    return "?" if load is None else " ".join(f"{v:.2f}" for v in load)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def proc_cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU time of a live process, every thread of it (/proc/PID/stat, clock
+    ticks: 10 ms on most kernels); None where there is no answer."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # past "pid (comm)": comm may hold spaces
+    except (OSError, IndexError):
+        return None
+    # utime and stime are the 14th and 15th fields; fields[0] here is the 3rd (state).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_measured(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:

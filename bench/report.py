@@ -177,6 +177,9 @@ def markdown(results: dict[str, Any], png_name: Optional[str]) -> str:
         "Reproduce: `python bench/run.py [--model NAME] [--threads N] [--n-predict 128] [--reps 3]` "
         "(raw numbers: `bench/out/results.json`).",
         "",
+        "Streaming `Chat` vs `Complete` and a multi-turn session: [chat-performance.md](chat-performance.md) "
+        "(`python bench/run.py --scenario chat`).",
+        "",
     ]
     return "\n".join(lines)
 

@@ -1,6 +1,8 @@
 """Benchmark llama-crab against raw llama.cpp, side by side, in one run.
 
     python bench/run.py [--model smollm2-135m] [--threads N] [--n-predict 128] [--reps 3]
+    python bench/run.py --scenario chat [...]    # Chat vs Complete, and a multi-turn session
+    python bench/run.py --scenario all [...]     # both
 
 Columns, all on the same model and thread count:
   llama-bench   raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
@@ -8,6 +10,7 @@ Columns, all on the same model and thread count:
   gRPC          `llama-crab serve` + `llama_crab_client.Client` at 1, 4 and 8 concurrent streams
 Writes docs/performance.md, docs/performance.png and bench/out/results.json. A column whose
 piece is missing (no engine, no server, no cmake) is skipped with the reason in the report.
+The chat scenario (bench/chat.py) writes docs/chat-performance.md and bench/out/chat.json.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,22 +28,11 @@ from typing import Any, Optional
 
 import llama_bench
 import report
-from common import RoundResult, Summary, load_average, run_measured
+from common import RoundResult, Summary, cpu_name, loadavg_text, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 CONCURRENCY = (1, 4, 8)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _missing(check: list[str]) -> Optional[str]:
@@ -51,11 +42,6 @@ def _missing(check: list[str]) -> Optional[str]:
         return None
     lines = (proc.stderr or proc.stdout).strip().splitlines()
     return lines[-1] if lines else f"exit {proc.returncode}"
-
-
-def _loadavg() -> str:
-    load = load_average()
-    return "?" if load is None else " ".join(f"{v:.2f}" for v in load)
 
 
 def _models_module() -> Any:
@@ -77,6 +63,12 @@ def _models_module() -> Any:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--scenario",
+        choices=("performance", "chat", "all"),
+        default="performance",
+        help="performance: the columns above; chat: bench/chat.py (Chat vs Complete, a session); all: both",
+    )
     parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
     parser.add_argument("--n-predict", type=int, default=128, help="tokens generated per stream (default: %(default)s)")
@@ -93,6 +85,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         "--skip", action="append", default=[], choices=("llama-bench", "inprocess", "grpc"), help="leave a column out"
     )
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--chat-markdown", type=Path, default=ROOT / "docs" / "chat-performance.md")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "performance.png")
     args = parser.parse_args(argv)
     for name in ("threads", "n_predict", "n_prompt", "reps", "parallel", "n_ctx"):
@@ -100,6 +93,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.n_ctx // args.parallel < args.n_predict + 64:
         parser.error("--n-ctx / --parallel must hold the prompt plus --n-predict tokens per slot")
+    if args.scenario != "performance" and args.parallel < 8:
+        parser.error("--scenario chat runs 8 streams at once: --parallel must be >= 8")
     return args
 
 
@@ -138,7 +133,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
+    if args.scenario in ("performance", "all"):
+        run_performance(args, model)
+    if args.scenario in ("chat", "all"):
+        import chat
 
+        chat_results = chat.run(
+            args.model, model, args.threads, args.n_predict, args.reps, args.n_ctx, args.parallel, args.timeout,
+            markdown=args.chat_markdown,
+        )  # fmt: skip
+        print(chat.report(chat_results))
+    return 0
+
+
+def run_performance(args: argparse.Namespace, model: str) -> None:
     results: dict[str, Any] = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": {
@@ -152,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "parallel": args.parallel,
             "n_ctx": args.n_ctx,
         },
-        "environment": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_before": _loadavg()},
+        "environment": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_before": loadavg_text()},
         "skipped": {},
     }
     skipped: dict[str, str] = results["skipped"]
@@ -203,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (RuntimeError, OSError, ValueError) as e:
             print(f"bench: second in-process pass failed, keeping the first: {e}", file=sys.stderr)
 
-    results["environment"]["load_after"] = _loadavg()
+    results["environment"]["load_after"] = loadavg_text()
     results["ratios"] = report.ratios(results)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
@@ -215,7 +223,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(report.markdown(results, None))
     for column, why in skipped.items():
         print(f"bench: skipped {column}: {why}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,14 +13,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import grpc
-from common import PROMPT, RoundResult, StreamTiming, Summary, end_of_generation_bias, peak_rss_mb, time_stream
+from common import (
+    PROMPT,
+    ChunkStream,
+    RoundResult,
+    StreamTiming,
+    Summary,
+    end_of_generation_bias,
+    peak_rss_mb,
+    time_stream,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_crab_client import Client, CompletionOptions
@@ -92,7 +101,8 @@ def serve(model: str, threads: int, n_ctx: int, parallel: int, log: Path) -> Ite
                     pass  # serve_process kills it
 
 
-def run_round(client: Client, options: CompletionOptions, streams: int) -> RoundResult:
+def run_concurrent(start: Callable[[], ChunkStream], streams: int) -> list[StreamTiming]:
+    """`streams` streams from `start()` on as many threads, begun together behind a barrier."""
     barrier = threading.Barrier(streams)
     timings: list[StreamTiming] = []
     errors: list[BaseException] = []
@@ -101,7 +111,7 @@ def run_round(client: Client, options: CompletionOptions, streams: int) -> Round
     def one() -> None:
         try:
             barrier.wait()
-            timing = time_stream(lambda: client.stream(PROMPT, options))
+            timing = time_stream(start)
             with lock:
                 timings.append(timing)
         except BaseException as e:  # reported below; a thread must not swallow it
@@ -115,7 +125,11 @@ def run_round(client: Client, options: CompletionOptions, streams: int) -> Round
         t.join()
     if errors:
         raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]!r}")
-    return RoundResult.of(timings)
+    return timings
+
+
+def run_round(client: Client, options: CompletionOptions, streams: int) -> RoundResult:
+    return RoundResult.of(run_concurrent(lambda: client.stream(PROMPT, options), streams))
 
 
 def measure(
