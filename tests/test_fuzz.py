@@ -1,6 +1,6 @@
-"""Fuzz the request surface: random CompleteRequests, built from the proto descriptors
-(so a field added to the proto is fuzzed without touching this file), in process and over
-gRPC. Every request must end in a final Completion or a clean status (INVALID_ARGUMENT,
+"""Fuzz the request surface: random CompleteRequests and ChatRequests, built from the
+proto descriptors (so a field added to the proto is fuzzed without touching this file), in
+process and over gRPC. Every request must end in a final Completion or a clean status (INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED), never a crash, a hang or INTERNAL, and the engine must serve a normal
 request correctly afterwards.
 
@@ -171,6 +171,81 @@ def message_strategy(
     return build()
 
 
+# JSON schemas for tools and response formats: valid, unconvertible, unsatisfiable,
+# explosive, too deep, not JSON.
+SCHEMAS = [
+    '{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}',
+    "{}",
+    '{"type": "array", "items": 5}',
+    '{"type": "integer", "minimum": 5, "maximum": 1}',
+    '{"type": "array", "minItems": 100000000}',
+    '{"enum": []}',
+    '{"type": "object", "properties": {"x": {"type": "string", "pattern": "^(a$"}}}',
+    '{"$ref": "#/definitions/nope"}',
+    '{"type": "array", "items": ' * 70 + "{}" + "}" * 70,
+    "[1, 2]",
+    "{not json",
+]
+
+
+def _chat_overrides(n_vocab: int) -> dict[str, st.SearchStrategy[Any]]:
+    text = st.one_of(st.text(max_size=80), st.sampled_from(["", "Hello", "<|im_start|>", "<tool_call>"]))
+    return {
+        **_overrides(n_vocab),
+        # Random messages are mostly invalid somewhere; mix in valid conversations (with
+        # random text) so that many requests reach generation and the tool-call parser.
+        "llama_crab.v1.ChatRequest.messages": st.one_of(
+            st.lists(message_strategy(pb.ChatMessage.DESCRIPTOR, n_vocab, _CHAT_FIELDS), min_size=0, max_size=4),
+            st.lists(st.builds(pb.ChatMessage, role=st.just("user"), content=text), min_size=1, max_size=2),
+            st.builds(
+                lambda question, arguments: [
+                    pb.ChatMessage(role="user", content=question),
+                    pb.ChatMessage(
+                        role="assistant", tool_calls=[pb.ChatToolCall(id="c1", name="get_weather", arguments=arguments)]
+                    ),
+                    pb.ChatMessage(role="tool", content="sunny", tool_call_id="c1"),
+                ],
+                text,
+                st.sampled_from(['{"city": "Paris"}', "{}", "["]),
+            ),
+        ),
+        "llama_crab.v1.ChatRequest.tools": st.one_of(
+            st.just([pb.ChatTool(name="get_weather", description="weather", parameters=SCHEMAS[0])]),
+            st.lists(message_strategy(pb.ChatTool.DESCRIPTOR, n_vocab, _CHAT_TOOL_FIELDS), max_size=3),
+        ),
+        "llama_crab.v1.ChatRequest.options": st.one_of(
+            st.builds(pb.CompletionOptions, max_tokens=st.integers(1, 24)),
+            message_strategy(pb.CompletionOptions.DESCRIPTOR, n_vocab, _overrides(n_vocab)),
+        ),
+        "llama_crab.v1.ChatRequest.response_format": st.one_of(
+            st.just(pb.ChatResponseFormat()),
+            message_strategy(pb.ChatResponseFormat.DESCRIPTOR, n_vocab, _CHAT_FORMAT_FIELDS),
+        ),
+        "llama_crab.v1.ChatRequest.tool_choice": st.sampled_from(["", "auto", "none", "required", "get_weather", "nope"]),
+        "llama_crab.v1.ChatMessage.content": text,
+    }
+
+
+_CHAT_FORMAT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "llama_crab.v1.ChatResponseFormat.type": st.sampled_from(["", "text", "json_object", "json_schema", "yaml"]),
+    "llama_crab.v1.ChatResponseFormat.schema": st.one_of(st.sampled_from(SCHEMAS), st.text(max_size=20)),
+}
+
+_CHAT_TOOL_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "llama_crab.v1.ChatTool.name": st.one_of(st.sampled_from(["get_weather", "f", "bad name", ""]), st.text(max_size=8)),
+    "llama_crab.v1.ChatTool.parameters": st.one_of(st.sampled_from(SCHEMAS), st.text(max_size=20)),
+}
+
+_CHAT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "llama_crab.v1.ChatMessage.role": st.sampled_from(["system", "user", "assistant", "tool", "user", "wizard", ""]),
+    "llama_crab.v1.ChatMessage.content": st.one_of(st.text(max_size=80), st.sampled_from(["Hi", "<|im_end|>"])),
+    "llama_crab.v1.ChatToolCall.name": st.sampled_from(["get_weather", "f", ""]),
+    "llama_crab.v1.ChatToolCall.arguments": st.one_of(
+        st.sampled_from(['{"city": "Paris"}', "{}", "[", '{"a": ' * 70, "null"]), st.text(max_size=12)
+    ),
+}
+
+
 # ---- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fuzz_llama(model_path: str) -> Iterator[Llama]:
@@ -274,3 +349,79 @@ def test_random_requests_over_grpc(
         ok = list(stub.Complete(convert.complete_request_to_proto("Hello", CompletionOptions(4)), timeout=60))
         assert ok[-1].completion.usage.completion_tokens == 4
     serves_a_normal_request(fuzz_llama, reference)
+
+
+def test_random_chat_requests_over_grpc(model_path: str) -> None:
+    """Chat requests with random messages, tools, schemas and options, on a model whose
+    template has a tool-call format (smollm2 with qwen2.5's template: the tool path at
+    smollm2's speed). Every one ends cleanly and the server keeps serving."""
+    from llama_crab.models import ensure
+
+    from gguf_meta import gguf_string
+
+    template = gguf_string(ensure("qwen2.5-coder-0.5b"), "tokenizer.chat_template")
+    assert template
+    params = LlamaParams(model_path, n_ctx=2048, n_parallel=N_SLOTS, max_queue=16).with_chat_template(template)
+    outcomes: dict[str, int] = {}
+    with Llama.load(params) as llama, start_test_server(llama) as chat_server:
+        assert llama.model_info().supports_tools
+        n_vocab = llama.model_info().n_vocab
+        overrides = _chat_overrides(n_vocab)
+
+        def with_messages(request: Message, messages: list[pb.ChatMessage]) -> Message:
+            # A request without messages only tests one check; most get some.
+            assert isinstance(request, pb.ChatRequest)
+            if not request.messages:
+                request.messages.extend(messages)
+            return request
+
+        # And forced tool calls with random text: the grammar and the parser on whatever
+        # the model makes of it.
+        forced = st.builds(
+            lambda question, choice, n: pb.ChatRequest(
+                messages=[pb.ChatMessage(role="user", content=question)],
+                tools=[pb.ChatTool(name="get_weather", parameters=SCHEMAS[0])],
+                tool_choice=choice,
+                options=pb.CompletionOptions(max_tokens=n),
+            ),
+            overrides["llama_crab.v1.ChatMessage.content"],
+            st.sampled_from(["required", "get_weather"]),
+            st.integers(8, 48),
+        )
+        requests = st.one_of(
+            st.builds(
+                with_messages,
+                message_strategy(pb.ChatRequest.DESCRIPTOR, n_vocab, overrides),
+                overrides["llama_crab.v1.ChatRequest.messages"],
+            ),
+            forced,
+        )
+        with grpc.insecure_channel(chat_server.address) as channel:
+            stub = pb_grpc.LlamaCrabServiceStub(channel)
+
+            @settings(FUZZ_SETTINGS, max_examples=max(EXAMPLES // 2, 1))
+            @given(requests)
+            def run(request: Message) -> None:
+                assert isinstance(request, pb.ChatRequest)
+                try:
+                    responses = list(stub.Chat(request, timeout=120))
+                except grpc.RpcError as e:
+                    assert e.code() in CLEAN_CODES, f"{e.code()}: {e.details()}"
+                    outcomes[e.code().name] = outcomes.get(e.code().name, 0) + 1
+                    return
+                kinds = [r.WhichOneof("response") for r in responses]
+                assert kinds and kinds[-1] == "completion" and kinds.count("completion") == 1
+                reason = responses[-1].completion.finish_reason
+                assert reason in ("stop", "length", "tool_calls"), reason
+                outcomes[reason] = outcomes.get(reason, 0) + 1
+                if responses[-1].completion.message.tool_calls:
+                    outcomes["with a tool call"] = outcomes.get("with a tool call", 0) + 1
+
+            run()
+            print("chat outcomes:", outcomes)
+            assert outcomes.get("INVALID_ARGUMENT", 0) > 0
+            assert sum(v for k, v in outcomes.items() if k in ("stop", "length", "tool_calls")) > 0
+            assert outcomes.get("with a tool call", 0) > 0
+            ok = list(stub.Complete(convert.complete_request_to_proto("Hello", CompletionOptions(4)), timeout=60))
+            assert ok[-1].completion.usage.completion_tokens == 4
+        assert llama.metrics().busy_slots == 0
