@@ -355,6 +355,7 @@ std::shared_ptr<Request> Engine::submit_chat(const ChatInputs & inputs, Sampling
         params.grammar_triggers = chat.grammar_triggers;
         params.preserved_tokens = chat.preserved_tokens;
         params.generation_prompt = chat.generation_prompt;
+        params.grammar_field = inputs.json_schema.empty() ? "tools" : "response_format";
     }
     return submit(std::move(prompt), params, std::make_unique<ChatStream>(chat));
 }
@@ -731,7 +732,7 @@ void Engine::sample_slot(Slot & slot) {
         finish(slot, StopReason::CANCELLED, "",
                grammar ? "no token is allowed: the grammar and logit_bias together exclude every token"
                        : "no token is allowed: logit_bias (or the sampler chain) excludes every token",
-               grammar ? "grammar" : "logit_bias");
+               grammar ? req.params.grammar_field : "logit_bias");
         return;
     }
     common_sampler_accept(req.sampler, id, true);
@@ -786,7 +787,7 @@ void Engine::after_decode() {
             // more than the bound per step does not stay in the shared batch.
             guarded_failures_total_++;
             const bool grammar = !slot.req->params.grammar.empty();
-            const char * field = slot.req->chat ? (grammar ? "tools" : "samplers") : (grammar ? "grammar" : "samplers");
+            const std::string field = grammar ? slot.req->params.grammar_field : "samplers";
             char why[160];
             snprintf(why, sizeof why, "too costly: sampling took %.0f ms of CPU in one step; the server allows %.0f ms per step",
                      cpu_ms, params_.max_sample_ms);

@@ -48,6 +48,7 @@ struct SamplingParams {
     std::vector<ChatTrigger> grammar_triggers;
     std::vector<std::string> preserved_tokens;  // tokens a trigger may be
     std::string generation_prompt;  // what the prompt ends with, fed to a chat grammar first
+    std::string grammar_field = "grammar";  // the request field an error about the grammar names
 };
 
 struct TopLogprob {

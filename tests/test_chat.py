@@ -18,10 +18,11 @@ import jsonschema
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from gguf_meta import gguf_string
-from helpers import LoopThread
+from helpers import LoopThread, wait_until
 
 from llama_crab import Llama, LlamaParams
 from llama_crab.models import ensure
+from llama_crab.server.testing import TestServer, start_test_server
 from llama_crab_client import AsyncClient, Client
 from llama_crab_client.chat import (
     ChatChunk,
@@ -179,12 +180,14 @@ class AsyncChatBackend:
 
 
 @pytest.fixture(scope="module")
-def qwen_address(qwen: Llama) -> Iterator[str]:
-    from llama_crab.server.testing import start_test_server
+def qwen_server(qwen: Llama) -> Iterator[TestServer]:
+    with start_test_server(qwen) as server:
+        yield server
 
-    server = start_test_server(qwen)
-    yield server.address
-    server.stop()
+
+@pytest.fixture(scope="module")
+def qwen_address(qwen_server: TestServer) -> str:
+    return qwen_server.address
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +329,33 @@ def test_plain_chat_streams_content_and_usage(chat: ChatBackend, qwen: Llama) ->
     assert text and text == final.message.content
     assert final.message.tool_calls == ()
     assert final.usage.prompt_tokens == len(qwen.tokenize(qwen.apply_chat_template(CONVERSATION), add_special=False))
+
+
+def test_deadline_ends_a_chat_stream_and_frees_the_slot(qwen_server: TestServer, qwen: Llama) -> None:
+    # A deadline passing is a STOP to the engine, as for Complete; the call is counted.
+    import grpc
+
+    from llama_crab_client import convert
+    from llama_crab_client.chat import ChatRequest
+    from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
+
+    def count() -> float:
+        return qwen_server.metrics.value("llama_crab_requests_total", {"method": "Chat", "code": "DEADLINE_EXCEEDED"})
+
+    before = count()
+    # End-of-turn banned: the reply runs far past the deadline on any hardware.
+    ends = {t: float("-inf") for t in qwen.tokenize("<|im_end|><|endoftext|>", add_special=False)}
+    request = convert.chat_request_to_proto(
+        ChatRequest.build([ChatMessage.user("Tell me a very long story.")]), CompletionOptions(2000, logit_bias=ends)
+    )
+    with grpc.insecure_channel(qwen_server.address) as channel:
+        responses = pb_grpc.LlamaCrabServiceStub(channel).Chat(request, timeout=1.5)
+        with pytest.raises(grpc.RpcError) as exc:
+            for _ in responses:
+                pass
+    assert exc.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: qwen.metrics().busy_slots == 0 and qwen.metrics().queue_depth == 0)
+    assert wait_until(lambda: count() == before + 1)
 
 
 # ---- sessions -----------------------------------------------------------------------------
