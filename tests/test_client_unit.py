@@ -305,3 +305,43 @@ def test_tls_is_on_when_any_certificate_is_given(tmp_path: Any) -> None:
     path.write_text(pem)
     assert read_pem(str(path)) == read_pem(pem) == read_pem(pem.encode()) == pem.encode()
     assert read_pem(None) is None
+
+
+# ---- merging chunks (a server behind the engine sends what waits as one message) ----------
+def test_merge_chunks_is_the_same_stream_in_fewer_pieces() -> None:
+    from llama_crab_client.types import TokenLogprob, merge_chunks
+
+    a = Chunk("Hel", (1,), 1, (TokenLogprob(1, "Hel", -0.1),))
+    b = Chunk("lo", (2, 3), 3, (TokenLogprob(2, "l", -0.2), TokenLogprob(3, "o", -0.3)))
+    merged = merge_chunks([a, b])
+    assert merged.text == "Hello" and merged.token_ids == (1, 2, 3) and merged.n_tokens == 3
+    assert merged.logprobs is not None and [lp.token_id for lp in merged.logprobs] == [1, 2, 3]
+    assert merge_chunks([a]) is a
+    assert merge_chunks([Chunk("a", (1,), 1), Chunk("b", (2,), 2)]).logprobs is None
+
+
+def test_merge_chat_chunks_joins_content_and_pieces_of_one_call() -> None:
+    from llama_crab_client.chat import (
+        ChatChunk,
+        ChatDelta,
+        ToolCallDelta,
+        merge_chat_chunks,
+        message_from_deltas,
+    )
+
+    chunks = [
+        ChatChunk("id", 1, "m", ChatDelta(role="assistant", content="Let me"), (1,), 1),
+        ChatChunk("id", 1, "m", ChatDelta(content=" check."), (2,), 2),
+        ChatChunk("id", 1, "m", ChatDelta(tool_calls=(ToolCallDelta(0, "c0", "get_weather", "{"),)), (3,), 3),
+        ChatChunk("id", 1, "m", ChatDelta(tool_calls=(ToolCallDelta(0, None, None, '"city": "P"}'),)), (4,), 4),
+        ChatChunk("id", 1, "m", ChatDelta(tool_calls=(ToolCallDelta(1, "c1", "get_time", "{}"),)), (5,), 5),
+    ]
+    merged = merge_chat_chunks(chunks)
+    assert merged.delta.role == "assistant" and merged.delta.content == "Let me check."
+    assert merged.delta.tool_calls == (
+        ToolCallDelta(0, "c0", "get_weather", '{"city": "P"}'),
+        ToolCallDelta(1, "c1", "get_time", "{}"),
+    )
+    assert merged.token_ids == (1, 2, 3, 4, 5) and merged.n_tokens == 5
+    # Whatever the cut, the message the deltas spell is the same.
+    assert message_from_deltas([merged.delta]) == message_from_deltas([c.delta for c in chunks])
