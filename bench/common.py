@@ -169,6 +169,18 @@ class Summary:
         )
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of `values`, linear between the closest ranks (numpy's
+    default); 0.0 for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
 def proc_status_mb(pid: int, field: str) -> Optional[float]:
     """A kB field of /proc/PID/status (VmRSS, VmHWM, ...) in MB; None where there is no answer."""
     try:
@@ -220,6 +232,21 @@ def proc_cpu_seconds(pid: int) -> Optional[float]:
         return None
     # utime and stime are the 14th and 15th fields; fields[0] here is the 3rd (state).
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> Optional[float]:
+    """CPU time every process on the machine has used (user, nice, system, irq, softirq from
+    /proc/stat's first line, all cores): around a round, minus the servers' and the client's,
+    it is what anything else running took meanwhile; None where there is no answer."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def run_measured(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:

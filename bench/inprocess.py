@@ -34,7 +34,8 @@ def main() -> int:
     )
     with Llama.load(params) as llama:
         load_s = time.perf_counter() - started
-        options = CompletionOptions(args.n_predict, logit_bias=end_of_generation_bias(llama))
+        # The prompt computed every time (no prefix cache), as in the service rounds: a cold TTFT.
+        options = CompletionOptions(args.n_predict, logit_bias=end_of_generation_bias(llama), cache_prompt=False)
         # Warm-up: first-touch of the mmap'd weights and the compute buffers.
         for _ in llama.stream(PROMPT, CompletionOptions(8)):
             pass

@@ -5,11 +5,15 @@
     python bench/run.py --scenario all [...]     # both
 
 Columns, all on the same model and thread count:
-  llama-bench   raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
-  in-process    `Llama.stream()`: TTFT and decode tokens/s
-  gRPC          `llama-crab serve` + `llama_crab_client.Client` at 1, 4 and 8 concurrent streams
-Writes docs/performance.md, docs/performance.png and bench/out/results.json. A column whose
-piece is missing (no engine, no server, no cmake) is skipped with the reason in the report.
+  llama-bench    raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
+  in-process     `Llama.stream()`: TTFT and decode tokens/s
+  gRPC           `llama-crab serve` + `llama_crab_client.Client` at 1, 4 and 8 concurrent streams
+  llama-server   llama.cpp's own server (same build, settings, prompt and token count), streamed
+                 over HTTP SSE at 1, 4 and 8 streams, its rounds interleaved with the gRPC rounds
+  batched-bench  `llama-batched-bench` at 1, 4 and 8 sequences: the aggregate decode limit (S_TG)
+The llama.cpp tools are built together into build/bench-llama (bench/llama_bench.py) when
+missing. Writes docs/performance.md, docs/performance.png and bench/out/results.json. A column
+whose piece is missing (no engine, no server, no cmake) is skipped with the reason in the report.
 The chat scenario (bench/chat.py) writes docs/chat-performance.md and bench/out/chat.json.
 """
 
@@ -80,9 +84,21 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         "--timeout", type=float, default=300.0, help="seconds a column (or one gRPC stream) may take (default: 300)"
     )
     parser.add_argument("--llama-bench", metavar="PATH", help="a llama-bench binary (else $LLAMA_BENCH or built)")
-    parser.add_argument("--no-build", action="store_true", help="skip llama-bench rather than build it")
+    parser.add_argument("--llama-server", metavar="PATH", help="a llama-server binary (else $LLAMA_SERVER or built)")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=("llama-bench", "inprocess", "grpc"), help="leave a column out"
+        "--llama-batched-bench",
+        metavar="PATH",
+        help="a llama-batched-bench binary (else $LLAMA_BATCHED_BENCH or built)",
+    )
+    parser.add_argument(
+        "--no-build", action="store_true", help="skip the llama.cpp tools' columns rather than build them"
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("llama-bench", "inprocess", "grpc", "llama-server", "batched-bench"),
+        help="leave a column out",
     )
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--chat-markdown", type=Path, default=ROOT / "docs" / "chat-performance.md")
@@ -167,6 +183,17 @@ def run_performance(args: argparse.Namespace, model: str) -> None:
     for column in args.skip:
         skipped[column] = "left out with --skip"
 
+    tools: dict[str, Path] = {}  # llama-server and llama-batched-bench, found or built up front
+    for column, tool, explicit in (
+        ("llama-server", "llama-server", args.llama_server),
+        ("batched-bench", "llama-batched-bench", args.llama_batched_bench),
+    ):
+        if column not in args.skip:
+            try:
+                tools[column] = llama_bench.locate(explicit, allow_build=not args.no_build, tool=tool)
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                skipped[column] = str(e)
+
     if "llama-bench" not in args.skip:
         try:
             binary = llama_bench.locate(args.llama_bench, allow_build=not args.no_build)
@@ -187,6 +214,16 @@ def run_performance(args: argparse.Namespace, model: str) -> None:
             except (RuntimeError, OSError, ValueError) as e:
                 skipped["inprocess"] = str(e)
 
+    batched: Optional[llama_bench.BatchedBench] = None
+
+    def new_batched(prompt_tokens: int) -> llama_bench.BatchedBench:
+        return llama_bench.BatchedBench(
+            tools["batched-bench"], model, args.threads, args.n_ctx, prompt_tokens, args.n_predict, CONCURRENCY,
+            args.timeout,
+        )  # fmt: skip
+
+    if "grpc" in args.skip and "llama-server" in tools:
+        skipped["llama-server"] = "its rounds are interleaved with the gRPC rounds, which were left out"
     if "grpc" not in args.skip:
         server_missing = engine_missing or _missing([sys.executable, "-m", "llama_crab.cli", "serve", "--help"])
         try:
@@ -195,15 +232,55 @@ def run_performance(args: argparse.Namespace, model: str) -> None:
             server_missing = server_missing or f"the Python client is not importable: {e}"
         if server_missing:
             skipped["grpc"] = f"the service is not available: {server_missing}"
+            if "llama-server" in tools:
+                skipped["llama-server"] = "its rounds are interleaved with the gRPC rounds, which could not run"
         else:
+            each_rep = None
+            if "batched-bench" in tools:
+                # One llama-batched-bench run before each repetition of the server rounds, so the
+                # machine's drift does not favour either side of the server-side / S_TG ratio.
+                def each_rep(prompt_tokens: int) -> None:
+                    nonlocal batched
+                    if "batched-bench" in skipped:
+                        return
+                    try:
+                        if batched is None:
+                            batched = new_batched(prompt_tokens)
+                        batched.run()
+                    except (RuntimeError, OSError, ValueError, KeyError) as e:
+                        skipped["batched-bench"] = str(e)
+
             try:
-                results["grpc"] = service.measure(
+                measured = service.measure(
                     model, args.threads, args.n_predict, args.n_ctx, args.parallel, CONCURRENCY, args.reps,
-                    args.timeout,
-                    OUT / "server.log",
+                    args.timeout, OUT / "server.log", tools.get("llama-server"), OUT / "llama-server.log", each_rep,
                 )  # fmt: skip
+                results["grpc"] = measured["grpc"]
+                results["client_peak_rss_mb"] = measured["client_peak_rss_mb"]
+                results.setdefault("prompt_tokens", measured["prompt_tokens"])
+                results["eog_banned"] = measured["eog_banned"]
+                if "llama-server" in tools:
+                    results["llama_server_binary"] = llama_bench.shown(tools["llama-server"])
+                    if measured["llama_server"] is not None:
+                        results["llama_server"] = measured["llama_server"]
+                        results["check"] = measured["check"]
+                    else:
+                        why = measured["llama_server_skipped"]
+                        skipped["llama-server"] = f"{why} (log: {OUT / 'llama-server.log'})"
             except Exception as e:  # any failure (a deadline, a crash) skips the column, with the reason
                 skipped["grpc"] = f"{e} (server log: {OUT / 'server.log'})"
+                if "llama-server" in tools:
+                    skipped["llama-server"] = f"its rounds are interleaved with the gRPC rounds, which failed: {e}"
+
+    if "batched-bench" in tools and "batched-bench" not in skipped:
+        try:
+            if batched is None or len(batched.runs) < args.reps:  # the server rounds did not run (all)
+                batched = batched or new_batched(int(results.get("prompt_tokens") or 32))
+                while len(batched.runs) < args.reps:
+                    batched.run()
+            results["batched_bench"] = batched.summary()
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            skipped["batched-bench"] = str(e)
 
     if "inprocess" in results and "grpc" in results:
         try:
