@@ -71,7 +71,8 @@ NB_MODULE(_engine, m) {
         .def_rw("slow_reader_timeout_ms", &EngineParams::slow_reader_timeout_ms)
         .def_rw("cache_prompt", &EngineParams::cache_prompt)
         .def_rw("cache_ram_bytes", &EngineParams::cache_ram_bytes)
-        .def_rw("chat_template", &EngineParams::chat_template);
+        .def_rw("chat_template", &EngineParams::chat_template)
+        .def_rw("adaptive_threads", &EngineParams::adaptive_threads);
 
     nb::class_<SamplingParams>(m, "SamplingParams")
         .def(nb::init<>())
@@ -223,7 +224,8 @@ NB_MODULE(_engine, m) {
         .def_ro("ram_cache_entries", &Metrics::ram_cache_entries)
         .def_ro("ram_cache_budget", &Metrics::ram_cache_budget)
         .def_ro("ram_cache_saves_total", &Metrics::ram_cache_saves_total)
-        .def_ro("ram_cache_restores_total", &Metrics::ram_cache_restores_total);
+        .def_ro("ram_cache_restores_total", &Metrics::ram_cache_restores_total)
+        .def_ro("n_threads_active", &Metrics::n_threads_active);
 
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<const EngineParams &>(), "params"_a, nb::call_guard<nb::gil_scoped_release>(),

@@ -14,6 +14,7 @@
 #include "log_bridge.h"
 #include "sampling.h"
 #include "text_stream.h"
+#include "thread_governor.h"
 
 namespace llama_crab {
 
@@ -97,7 +98,10 @@ struct Engine::Slot {
     }
 };
 
-Engine::Engine(const EngineParams & params) : params_(params) {
+Engine::Engine(const EngineParams & params)
+    : params_(params),
+      governor_(params.adaptive_threads ? std::max(params.n_threads, params.n_threads_batch) : 1),
+      n_threads_now_(std::max(params.n_threads, params.n_threads_batch)) {
     std::call_once(g_backend_once, [] {
         llama_backend_init();
 #if defined(__GLIBC__)
@@ -150,6 +154,7 @@ Engine::Engine(const EngineParams & params) : params_(params) {
                              (detail.empty() ? std::string() : " (" + detail + ")"));
     }
     n_ctx_seq_ = static_cast<int32_t>(llama_n_ctx_seq(ctx_));
+    n_threads_active_ = params.n_threads;
     llama_set_abort_callback(ctx_, &Engine::abort_callback, this);
 
     batch_ = llama_batch_init(static_cast<int32_t>(llama_n_batch(ctx_)), 0, 1);
@@ -836,7 +841,14 @@ void Engine::run() {
             cv_.wait_for(lock, std::chrono::milliseconds(2));
             continue;
         }
+        governor_.before_decode();
         const int32_t ret = llama_decode(ctx_, batch_);
+        const int32_t threads = governor_.after_decode();
+        if (params_.adaptive_threads && threads != n_threads_now_) {
+            n_threads_now_ = threads;
+            llama_set_n_threads(ctx_, std::min(threads, params_.n_threads), std::min(threads, params_.n_threads_batch));
+            n_threads_active_ = std::min(threads, params_.n_threads);
+        }
         set_abort_in_progress(false);
         decode_steps_total_++;
         if (ret == 0) {
@@ -1025,6 +1037,7 @@ Metrics Engine::metrics() const {
     m.prompt_tokens_total = prompt_tokens_total_.load();
     m.completion_tokens_total = completion_tokens_total_.load();
     m.decode_steps_total = decode_steps_total_.load();
+    m.n_threads_active = n_threads_active_.load();
     return m;
 }
 

@@ -25,6 +25,7 @@
 #include "llama.h"
 #include "prompt_cache.h"
 #include "request.h"
+#include "thread_governor.h"
 
 namespace llama_crab {
 
@@ -61,6 +62,10 @@ struct EngineParams {
     // Host-RAM cache of evicted sequence states, in bytes (0: off).
     uint64_t cache_ram_bytes = 512ull << 20;
 
+    // Drop compute threads while a neighbour process takes their cores, and take them back
+    // when cores are idle (see thread_governor.h); false: always n_threads.
+    bool adaptive_threads = true;
+
     // Chat: a Jinja template's source replacing the model's own (empty: the model's).
     std::string chat_template;
 };
@@ -81,6 +86,7 @@ struct Metrics {
     uint64_t cache_hit_tokens_total = 0, cache_miss_tokens_total = 0;
     uint64_t ram_cache_bytes = 0, ram_cache_entries = 0, ram_cache_budget = 0;
     uint64_t ram_cache_saves_total = 0, ram_cache_restores_total = 0;
+    int32_t n_threads_active = 0;  // compute threads decoding now (adaptive_threads)
 };
 
 struct ModelLoadError : std::runtime_error { using std::runtime_error::runtime_error; };
@@ -166,6 +172,9 @@ private:
     const llama_vocab * vocab_ = nullptr;
     int32_t n_ctx_seq_ = 0;
     std::unique_ptr<ChatTemplates> chat_templates_;
+    ThreadGovernor governor_;        // scheduler thread only
+    int32_t n_threads_now_ = 0;      // scheduler thread only
+    std::atomic<int32_t> n_threads_active_{0};
     llama_batch batch_{};
     std::vector<Slot> slots_;
     int32_t n_vocab_ = 0;

@@ -433,3 +433,15 @@ def test_stop_after_the_final_arrived_still_returns_the_delivered_completion(lla
     assert len(seen) == 2
     assert completion.stop_reason is StopReason.CANCELLED
     assert completion.text == "".join(c.text for c in seen)
+
+
+def test_thread_count_is_reported_and_fixed_without_the_governor(model_path: str) -> None:
+    # The adaptive count is a bench matter (docs/performance.md, busy host); here: the
+    # engine reports the threads it decodes with, and adaptive_threads=False pins them.
+    params = LlamaParams(model_path, n_ctx=256, n_threads=2, adaptive_threads=False)
+    with Llama.load(params) as fixed:
+        fixed.create_completion(PROMPT, CompletionOptions(4))
+        assert fixed.metrics().n_threads_active == 2
+    with pytest.raises(InvalidArgumentError) as exc:
+        Llama.load(LlamaParams(model_path, adaptive_threads="yes"))  # type: ignore[arg-type]
+    assert exc.value.field == "adaptive_threads"

@@ -139,6 +139,8 @@ class EngineMetrics:
         self.ram_cache_budget: int = native.ram_cache_budget
         self.ram_cache_saves_total: int = native.ram_cache_saves_total
         self.ram_cache_restores_total: int = native.ram_cache_restores_total
+        # Compute threads decoding now: fewer than configured while the host is busy.
+        self.n_threads_active: int = native.n_threads_active
 
 
 class CompletionHandle:
@@ -374,6 +376,7 @@ class Llama:
         native.slow_reader_timeout_ms = -1 if params.slow_reader_timeout is None else int(params.slow_reader_timeout * 1000)
         native.cache_prompt = params.cache_prompt
         native.cache_ram_bytes = params.cache_ram_mib << 20
+        native.adaptive_threads = params.adaptive_threads
         if params.chat_template is not None:
             native.chat_template = params.chat_template
         try:

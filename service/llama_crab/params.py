@@ -26,6 +26,10 @@ class LlamaParams:
     # None: all cores for both (llama.cpp's default would use fewer).
     n_threads: Optional[int] = None
     n_threads_batch: Optional[int] = None
+    # Drop a compute thread while a neighbour process takes cores (ggml's threads wait for
+    # each other every operation, so one starved thread stalls all), and take it back when
+    # a core is idle. False: always n_threads. See docs/performance.md.
+    adaptive_threads: bool = True
     n_gpu_layers: int = -1  # -1: offload everything a GPU build can; ignored on CPU builds
     use_mmap: bool = True
     use_mlock: bool = False
@@ -117,6 +121,8 @@ class LlamaParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 out.append((name, "must be None or an integer >= 1"))
+        if not isinstance(self.adaptive_threads, bool):
+            out.append(("adaptive_threads", "must be True or False"))
         if not isinstance(self.cache_prompt, bool):
             out.append(("cache_prompt", "must be True or False"))
         if not isinstance(self.cache_ram_mib, int) or isinstance(self.cache_ram_mib, bool) or not 0 <= self.cache_ram_mib < 2**22:

@@ -215,6 +215,7 @@ def load_llama(config: ServeConfig) -> Llama:
         n_ctx=config.n_ctx,
         n_batch=config.n_batch,
         n_threads=config.threads,
+        adaptive_threads=config.adaptive_threads,
         n_gpu_layers=config.n_gpu_layers,
         n_parallel=config.parallel,
         max_queue=config.max_queue,

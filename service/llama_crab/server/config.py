@@ -32,6 +32,7 @@ class ServeConfig:
     max_queue: int = 64
     n_batch: int = 512
     threads: Optional[int] = None
+    adaptive_threads: bool = True
     n_gpu_layers: int = -1
     # what one request may cost the others (see LlamaParams)
     max_grammar_bytes: int = 32 * 1024
@@ -184,6 +185,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("n_batch", int, "N", "prompt tokens decoded per step"),
     Option("threads", _optional_int, "N", "CPU threads for decoding and prompt processing", unset="every core"),
+    Option(
+        "adaptive_threads",
+        _bool,
+        "BOOL",
+        "use a thread fewer while another process takes CPU cores, all again once one is idle (true/false)",
+    ),
     Option("n_gpu_layers", int, "N", "layers offloaded to a GPU build's device (-1 = all)"),
     Option(
         "cache_prompt",

@@ -29,6 +29,12 @@ _ENGINE_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("slots", "gauge", "Generation slots (--parallel)", "n_slots"),
     ("busy_slots", "gauge", "Slots generating now", "busy_slots"),
     ("queue_depth", "gauge", "Requests waiting for a slot", "queue_depth"),
+    (
+        "compute_threads",
+        "gauge",
+        "Threads decoding now (fewer than --threads while a neighbour process takes cores)",
+        "n_threads_active",
+    ),
     ("engine_decode_steps", "gauge", "Batched decode steps run by the engine", "decode_steps_total"),
     ("paused_slots", "gauge", "Slots paused because their reader is behind (backpressure)", "paused_slots"),
     ("slow_reader_pauses", "counter", "Times a slot was paused for a slow reader", "pauses_total"),
