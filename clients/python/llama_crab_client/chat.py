@@ -32,7 +32,6 @@ __all__ = [
     "ToolCallDelta",
     "ToolChoice",
     "chat_completion_from_delivered",
-    "merge_chat_chunks",
     "message_from_deltas",
     "new_chat_id",
 ]
@@ -436,37 +435,6 @@ class ChatCompletion:
 
 
 ChatCompletionCallback = Callable[[ChatChunk], Optional[StreamControl]]
-
-
-def merge_chat_chunks(chunks: Sequence[ChatChunk]) -> ChatChunk:
-    """Consecutive chunks of one reply as one: content and reasoning joined, pieces of
-    the same tool call joined (the first keeps its id and name)."""
-    if len(chunks) == 1:
-        return chunks[0]
-    calls: list[ToolCallDelta] = []
-    for t in (t for c in chunks for t in c.delta.tool_calls):
-        if calls and calls[-1].index == t.index:
-            last = calls[-1]
-            calls[-1] = ToolCallDelta(last.index, last.id or t.id, last.name or t.name, last.arguments + t.arguments)
-        else:
-            calls.append(t)
-    content = [c.delta.content for c in chunks if c.delta.content is not None]
-    reasoning = [c.delta.reasoning_content for c in chunks if c.delta.reasoning_content is not None]
-    first = chunks[0]
-    delta = ChatDelta(
-        role=first.delta.role,
-        content="".join(content) if content else None,
-        reasoning_content="".join(reasoning) if reasoning else None,
-        tool_calls=tuple(calls),
-    )
-    return ChatChunk(
-        first.id,
-        first.created,
-        first.model,
-        delta,
-        tuple(t for c in chunks for t in c.token_ids),
-        chunks[-1].n_tokens,
-    )
 
 
 def message_from_deltas(deltas: Sequence[ChatDelta]) -> ChatMessage:

@@ -31,7 +31,6 @@ __all__ = [
     "TopLogprob",
     "Usage",
     "completion_from_delivered",
-    "merge_chunks",
 ]
 
 
@@ -175,22 +174,6 @@ class ModelInfo:
 
 
 CompletionCallback = Callable[[Chunk], Optional[StreamControl]]
-
-
-def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
-    """Consecutive chunks as one (their text, tokens and logprobs joined): the same
-    stream, cut in fewer pieces."""
-    if len(chunks) == 1:
-        return chunks[0]
-    logprobs = None
-    if any(c.logprobs is not None for c in chunks):
-        logprobs = tuple(lp for c in chunks for lp in (c.logprobs or ()))
-    return Chunk(
-        "".join(c.text for c in chunks),
-        tuple(t for c in chunks for t in c.token_ids),
-        chunks[-1].n_tokens,
-        logprobs,
-    )
 
 
 def completion_from_delivered(

@@ -74,14 +74,6 @@ class HandleRelay:
                 self._wakeup = None
         return self._pending.popleft()
 
-    def take_ready_chunks(self) -> list[Event]:
-        """The chunks already waiting after the one `next()` returned (never the final):
-        a consumer behind the engine sends them as one message, not one per token."""
-        out: list[Event] = []
-        while self._pending and not isinstance(self._pending[0], (Completion, ChatCompletion)):
-            out.append(self._pending.popleft())
-        return out
-
     def cancel(self) -> None:
         """Stop generation; the engine answers with a CANCELLED Completion within one step."""
         if not self.closed and not self.cancelled:

@@ -13,15 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Optional, TypeVar, Union
 
 from llama_crab_client import convert
-from llama_crab_client.chat import (
-    ChatChunk,
-    ChatCompletion,
-    FinishReason,
-    chat_completion_from_delivered,
-    merge_chat_chunks,
-)
+from llama_crab_client.chat import ChatChunk, ChatCompletion, FinishReason, chat_completion_from_delivered
 from llama_crab_client.errors import InternalError
-from llama_crab_client.types import Chunk, Completion, StopReason, completion_from_delivered, merge_chunks
+from llama_crab_client.types import Chunk, Completion, StopReason, completion_from_delivered
 
 from .metrics import ServiceMetrics
 from .relay import EngineFailure, HandleRelay
@@ -61,8 +55,6 @@ class StreamEncoder(Generic[C, F]):
     delivered: Callable[[F, list[C]], F]
     stop_reason: Callable[[F], str]
     cancelled: Callable[[F], bool]
-    # Consecutive chunks as one message.
-    merge: Callable[[list[C]], C]
 
 
 def _complete_delivered(final: Completion, chunks: list[Chunk]) -> Completion:
@@ -80,7 +72,6 @@ COMPLETE: StreamEncoder[Chunk, Completion] = StreamEncoder(
     delivered=_complete_delivered,
     stop_reason=lambda f: f.stop_reason.value,
     cancelled=lambda f: f.stop_reason is StopReason.CANCELLED,
-    merge=merge_chunks,
 )
 
 CHAT: StreamEncoder[ChatChunk, ChatCompletion] = StreamEncoder(
@@ -90,7 +81,6 @@ CHAT: StreamEncoder[ChatChunk, ChatCompletion] = StreamEncoder(
     delivered=_chat_delivered,
     stop_reason=lambda f: f.finish_reason,
     cancelled=lambda f: f.finish_reason == FinishReason.CANCELLED,
-    merge=merge_chat_chunks,
 )
 
 
@@ -108,7 +98,7 @@ async def relay_stream(
     write: Callable[[Any], Any],
     metrics: ServiceMetrics,
 ) -> None:
-    """Write the chunks, then the final, with `write` (an awaitable per message)."""
+    """Write each chunk, then the final, with `write` (an awaitable per message)."""
     while True:
         try:
             event: Union[C, F] = await relay.next()  # type: ignore[assignment]
@@ -121,11 +111,6 @@ async def relay_stream(
             await write(encoder.final(final))
             return
         chunk: C = event  # type: ignore[assignment]
-        # Behind the engine (a busy loop, a slow network): what already waits goes out as
-        # one message, so the per-message cost is paid once per write, not per token.
-        ready: list[Any] = relay.take_ready_chunks()
-        if ready:
-            chunk = encoder.merge([chunk, *ready])
         now = time.monotonic()
         first = progress.first_chunk_at is None
         if first:
