@@ -426,7 +426,14 @@ def markdown(results: dict[str, Any], png_name: Optional[str]) -> str:
         "Streaming `Chat` vs `Complete` and a multi-turn session: [chat-performance.md](chat-performance.md) "
         "(`python bench/run.py --scenario chat`).",
         "",
+        "Decode beside a CPU-bound neighbour process (the thread governor, the wait policy, `--threads` advice): "
+        "[busy-host.md](busy-host.md) (`python bench/run.py --scenario busy`).",
+        "",
     ]
+    # The profiling hypotheses and their outcomes are written by hand; they ride along.
+    hypotheses = Path(__file__).resolve().parent / "hypotheses.md"
+    if hypotheses.is_file():
+        lines += [hypotheses.read_text(encoding="utf-8").rstrip(), ""]
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
     python bench/run.py [--model smollm2-135m] [--threads N] [--n-predict 128] [--reps 3]
     python bench/run.py --scenario chat [...]    # Chat vs Complete, and a multi-turn session
-    python bench/run.py --scenario all [...]     # both
+    python bench/run.py --scenario busy [...]    # decode beside a CPU-bound neighbour process
+    python bench/run.py --scenario all [...]     # all three
 
 Columns, all on the same model and thread count:
   llama-bench    raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
@@ -14,7 +15,9 @@ Columns, all on the same model and thread count:
 The llama.cpp tools are built together into build/bench-llama (bench/llama_bench.py) when
 missing. Writes docs/performance.md, docs/performance.png and bench/out/results.json. A column
 whose piece is missing (no engine, no server, no cmake) is skipped with the reason in the report.
-The chat scenario (bench/chat.py) writes docs/chat-performance.md and bench/out/chat.json.
+The chat scenario (bench/chat.py) writes docs/chat-performance.md and bench/out/chat.json; the busy
+scenario (bench/busy_host.py: the thread governor, fixed thread counts and the wait policy beside a
+CPU hog) writes docs/busy-host.md and bench/out/busy.json.
 """
 
 from __future__ import annotations
@@ -69,13 +72,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--scenario",
-        choices=("performance", "chat", "all"),
+        choices=("performance", "chat", "busy", "all"),
         default="performance",
-        help="performance: the columns above; chat: bench/chat.py (Chat vs Complete, a session); all: both",
+        help="performance: the columns above; chat: bench/chat.py (Chat vs Complete, a session); "
+        "busy: bench/busy_host.py (decode beside a CPU hog); all: the three",
     )
     parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
-    parser.add_argument("--n-predict", type=int, default=128, help="tokens generated per stream (default: %(default)s)")
+    parser.add_argument(
+        "--n-predict", type=int, help="tokens generated per stream (default: 128; the busy scenario's: 256)"
+    )
     parser.add_argument("--n-prompt", type=int, default=512, help="llama-bench pp test size (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=3, help="rounds per measurement; medians reported (default: 3)")
     parser.add_argument("--parallel", type=int, default=max(CONCURRENCY), help="slots in process and in the server")
@@ -102,14 +108,23 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--chat-markdown", type=Path, default=ROOT / "docs" / "chat-performance.md")
+    parser.add_argument("--busy-markdown", type=Path, default=ROOT / "docs" / "busy-host.md")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "performance.png")
     args = parser.parse_args(argv)
+    import busy_host  # its defaults and limits (it imports nothing heavy)
+
+    args.busy_n_predict = busy_host.N_PREDICT if args.n_predict is None else args.n_predict
+    args.n_predict = 128 if args.n_predict is None else args.n_predict
     for name in ("threads", "n_predict", "n_prompt", "reps", "parallel", "n_ctx"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.scenario in ("busy", "all") and max(args.busy_n_predict, busy_host.SETTLE_TOKENS) > busy_host.N_CTX - 64:
+        parser.error(f"--scenario busy: --n-predict must leave room for the prompt in {busy_host.N_CTX} tokens")
     if args.n_ctx // args.parallel < args.n_predict + 64:
         parser.error("--n-ctx / --parallel must hold the prompt plus --n-predict tokens per slot")
-    if args.scenario != "performance" and args.parallel < 8:
+    if args.scenario in ("busy", "all") and args.threads < 2:
+        parser.error("--scenario busy compares thread counts: --threads must be >= 2")
+    if args.scenario in ("chat", "all") and args.parallel < 8:
         parser.error("--scenario chat runs 8 streams at once: --parallel must be >= 8")
     return args
 
@@ -159,6 +174,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             markdown=args.chat_markdown,
         )  # fmt: skip
         print(chat.report(chat_results))
+    if args.scenario in ("busy", "all"):
+        import busy_host
+
+        busy_results = busy_host.run(
+            args.model, model, args.threads, args.busy_n_predict, args.reps, args.timeout, markdown=args.busy_markdown
+        )
+        print(busy_host.report(busy_results))
     return 0
 
 

@@ -2,7 +2,7 @@
 //
 // ggml's threads meet at a barrier after every operation, so one thread that loses its
 // core to a neighbour process stalls all of them: with threads == cores and one
-// CPU-bound neighbour, decode falls to a third of quiet (measured, docs/performance.md),
+// CPU-bound neighbour, decode falls to a third of quiet (measured, docs/busy-host.md),
 // while one thread fewer keeps ~two thirds. The governor watches the scheduler thread
 // (itself a compute thread) during decodes: when it gets much less CPU than wall time,
 // a neighbour is taking its core, so it drops a thread; when a core then sits idle, it

@@ -28,7 +28,7 @@ class LlamaParams:
     n_threads_batch: Optional[int] = None
     # Drop a compute thread while a neighbour process takes cores (ggml's threads wait for
     # each other every operation, so one starved thread stalls all), and take it back when
-    # a core is idle. False: always n_threads. See docs/performance.md.
+    # a core is idle. False: always n_threads. See docs/busy-host.md.
     adaptive_threads: bool = True
     n_gpu_layers: int = -1  # -1: offload everything a GPU build can; ignored on CPU builds
     use_mmap: bool = True
