@@ -210,7 +210,7 @@ def run(
     prompt_text = render(model_path, MESSAGES)
     with serve(model_path, threads, n_ctx, parallel, OUT / "chat.server.log") as (address, pid):
         with Client(address, timeout=timeout) as client:
-            prompt_ids = client.tokenize(prompt_text, add_special=False)
+            prompt_ids = client.tokenize(prompt_text, add_special=True)
             bias = end_of_generation_bias(client)
             options = CompletionOptions(n_predict, logit_bias=bias, cache_prompt=False)
             results["check"] = same_work(client, prompt_ids, options)
@@ -363,7 +363,7 @@ def report(results: dict[str, Any]) -> str:
         "## How it is measured",
         "",
         "- **Same work on both sides**: the conversation is rendered once in the benchmark process with "
-        "`Llama.apply_chat_template`, tokenized by the server with `add_special=False` (special tokens parsed), "
+        "`Llama.apply_chat_template`, tokenized by the server with `add_special=True` (BOS as the vocabulary asks, special tokens parsed), "
         "as `Chat` tokenizes its rendered prompt, and sent to `Complete` as token ids; `Chat` gets the messages. "
         "The check above compares the prompt tokens each computed and the tokens each generated.",
         "- **Rounds**: for each repetition, for 1 and then 8 concurrent streams, one round of `Complete` and one of "

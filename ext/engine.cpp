@@ -349,9 +349,9 @@ std::shared_ptr<Request> Engine::submit_chat(const ChatInputs & inputs, Sampling
     ensure_open();
     if (!params.grammar.empty()) throw std::invalid_argument("grammar: not with chat (use response_format)");
     const ChatPrompt chat = chat_templates_->apply(inputs);
-    // The template writes BOS itself where the model wants one, and its special tokens
-    // as text: parse them, add nothing.
-    std::vector<llama_token> prompt = common_tokenize(vocab_, chat.prompt, false, true);
+    // Special tokens come as text: parse them. BOS as the vocabulary asks, like llama.cpp's
+    // server: rendering drops a BOS the template wrote when the tokenizer adds one.
+    std::vector<llama_token> prompt = common_tokenize(vocab_, chat.prompt, true, true);
     for (const auto & stop : chat.additional_stops) params.stop_sequences.push_back(stop);
     if (!chat.grammar.empty()) {
         params.grammar = chat.grammar;

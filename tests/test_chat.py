@@ -116,6 +116,9 @@ def test_model_without_template_falls_back_to_chatml(gemma: Llama) -> None:
     assert gemma.apply_chat_template(CONVERSATION) == hf_render(CHATML, CONVERSATION)
     reply = gemma.create_chat_completion(CONVERSATION, CompletionOptions(8))
     assert reply.usage.completion_tokens > 0 and reply.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    # Gemma's vocabulary asks for BOS: the chat prompt gets it, as a completion's would.
+    with_bos = gemma.tokenize(gemma.apply_chat_template(CONVERSATION))
+    assert reply.usage.prompt_tokens == len(with_bos) == len(gemma.tokenize(gemma.apply_chat_template(CONVERSATION), add_special=False)) + 1
     with pytest.raises(InvalidArgumentError) as exc:
         gemma.create_chat_completion(ASK, CompletionOptions(8), tools=[WEATHER])
     assert exc.value.field == "tools"
@@ -328,7 +331,7 @@ def test_plain_chat_streams_content_and_usage(chat: ChatBackend, qwen: Llama) ->
     text = "".join(c.delta.content or "" for c in chunks)
     assert text and text == final.message.content
     assert final.message.tool_calls == ()
-    assert final.usage.prompt_tokens == len(qwen.tokenize(qwen.apply_chat_template(CONVERSATION), add_special=False))
+    assert final.usage.prompt_tokens == len(qwen.tokenize(qwen.apply_chat_template(CONVERSATION)))
 
 
 def test_deadline_ends_a_chat_stream_and_frees_the_slot(qwen_server: TestServer, qwen: Llama) -> None:
