@@ -182,6 +182,34 @@ def _logprobs_from_proto(lps: Iterable[pb.TokenLogprob]) -> tuple[TokenLogprob, 
     )
 
 
+def _usage_to_proto(u: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
+
+
+def _usage_from_proto(u: pb.Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+
+
+def _timings_to_proto(t: Timings) -> pb.Timings:
+    return pb.Timings(
+        queue_ms=t.queue_ms,
+        time_to_first_token_ms=t.time_to_first_token_ms,
+        prompt_tokens_per_second=t.prompt_tokens_per_second,
+        decode_tokens_per_second=t.decode_tokens_per_second,
+        total_ms=t.total_ms,
+    )
+
+
+def _timings_from_proto(t: pb.Timings) -> Timings:
+    return Timings(
+        queue_ms=t.queue_ms,
+        time_to_first_token_ms=t.time_to_first_token_ms,
+        prompt_tokens_per_second=t.prompt_tokens_per_second,
+        decode_tokens_per_second=t.decode_tokens_per_second,
+        total_ms=t.total_ms,
+    )
+
+
 def chunk_response_to_proto(c: Chunk, prompt_tokens: int = 0) -> pb.CompleteResponse:
     """`prompt_tokens`: set it on a stream's first chunk (0 leaves the field unset)."""
     return pb.CompleteResponse(
@@ -202,18 +230,8 @@ def completion_response_to_proto(c: Completion) -> pb.CompleteResponse:
             token_ids=list(c.token_ids),
             stop_reason=_STOP_TO_PROTO[c.stop_reason],
             stop_sequence=c.stop_sequence or "",
-            usage=pb.Usage(
-                prompt_tokens=c.usage.prompt_tokens,
-                completion_tokens=c.usage.completion_tokens,
-                cached_tokens=c.usage.cached_tokens,
-            ),
-            timings=pb.Timings(
-                queue_ms=c.timings.queue_ms,
-                time_to_first_token_ms=c.timings.time_to_first_token_ms,
-                prompt_tokens_per_second=c.timings.prompt_tokens_per_second,
-                decode_tokens_per_second=c.timings.decode_tokens_per_second,
-                total_ms=c.timings.total_ms,
-            ),
+            usage=_usage_to_proto(c.usage),
+            timings=_timings_to_proto(c.timings),
             logprobs=_logprobs_to_proto(c.logprobs),
             has_logprobs=c.logprobs is not None,
         )
@@ -232,14 +250,8 @@ def complete_response_from_proto(m: pb.CompleteResponse, logprobs_requested: boo
         token_ids=tuple(f.token_ids),
         stop_reason=_STOP_FROM_PROTO.get(f.stop_reason, StopReason.CANCELLED),
         stop_sequence=f.stop_sequence or None,
-        usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.cached_tokens),
-        timings=Timings(
-            queue_ms=f.timings.queue_ms,
-            time_to_first_token_ms=f.timings.time_to_first_token_ms,
-            prompt_tokens_per_second=f.timings.prompt_tokens_per_second,
-            decode_tokens_per_second=f.timings.decode_tokens_per_second,
-            total_ms=f.timings.total_ms,
-        ),
+        usage=_usage_from_proto(f.usage),
+        timings=_timings_from_proto(f.timings),
         logprobs=_logprobs_from_proto(f.logprobs) if f.has_logprobs else None,
     )
 
@@ -328,30 +340,6 @@ def chat_request_from_proto(m: pb.ChatRequest) -> tuple[ChatRequest, CompletionO
     return request, options_from_proto(m.options)
 
 
-def _usage_to_proto(u: Usage) -> pb.Usage:
-    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
-
-
-def _timings_to_proto(t: Timings) -> pb.Timings:
-    return pb.Timings(
-        queue_ms=t.queue_ms,
-        time_to_first_token_ms=t.time_to_first_token_ms,
-        prompt_tokens_per_second=t.prompt_tokens_per_second,
-        decode_tokens_per_second=t.decode_tokens_per_second,
-        total_ms=t.total_ms,
-    )
-
-
-def _timings_from_proto(t: pb.Timings) -> Timings:
-    return Timings(
-        queue_ms=t.queue_ms,
-        time_to_first_token_ms=t.time_to_first_token_ms,
-        prompt_tokens_per_second=t.prompt_tokens_per_second,
-        decode_tokens_per_second=t.decode_tokens_per_second,
-        total_ms=t.total_ms,
-    )
-
-
 def chat_chunk_response_to_proto(c: ChatChunk, first: bool = False, prompt_tokens: int = 0) -> pb.ChatResponse:
     """`first`: a stream's first chunk also carries the reply's id, time, model, prompt length."""
     delta = pb.ChatDelta(
@@ -417,6 +405,6 @@ def chat_response_from_proto(m: pb.ChatResponse, header: ChatStreamHeader) -> Un
         model=f.model,
         message=_message_from_proto(f.message),
         finish_reason=f.finish_reason,
-        usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.cached_tokens),
+        usage=_usage_from_proto(f.usage),
         timings=_timings_from_proto(f.timings),
     )
