@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
@@ -20,6 +19,7 @@ from . import convert
 from .calls import Prompt, StreamClock, chat_call, complete_call, detokenize_request, tokenize_request
 from .chat import ChatCompletion, ChatMessage, ChatRequest, ResponseFormat, Tool
 from .chat_stream import AsyncChatCallback, AsyncRemoteChatStream, run_async_chat_stream
+from .callbacks import run_async_stream
 from .channel import ClientBase
 from .errors import InternalError
 from .status import from_rpc_error
@@ -168,18 +168,8 @@ class AsyncClient(ClientBase):
         exception from the callback cancels and propagates.
         """
         stream = self.stream(prompt, options, timeout=timeout, request_id=request_id)
-        try:
-            async for chunk in stream:
-                control = callback(chunk)
-                if inspect.isawaitable(control):
-                    control = await control
-                if control is StreamControl.STOP:
-                    return await stream.close()
-        except BaseException:
-            await stream.close()
-            raise
-        assert stream.completion is not None
-        return stream.completion
+        result: Completion = await run_async_stream(stream, callback)
+        return result
 
     async def create_completion(
         self,

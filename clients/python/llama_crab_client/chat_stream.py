@@ -8,7 +8,6 @@ cancels the RPC; `completion` then holds exactly the delivered deltas (`cancelle
 from __future__ import annotations
 
 from types import TracebackType
-import inspect
 from collections.abc import Awaitable
 from typing import Any, Callable, Optional, Union
 
@@ -16,6 +15,7 @@ import grpc
 
 from . import convert
 from .chat import ChatChunk, ChatCompletion, ChatCompletionCallback, chat_completion_from_delivered
+from .callbacks import run_async_stream, run_stream
 from .calls import StreamClock
 from .errors import InternalError
 from .status import from_rpc_error
@@ -171,29 +171,12 @@ class AsyncRemoteChatStream:
 
 
 def run_chat_stream(stream: RemoteChatStream, callback: ChatCompletionCallback) -> ChatCompletion:
-    """Feed `callback` until the end or STOP; an exception from it cancels and propagates."""
-    try:
-        for chunk in stream:
-            if callback(chunk) is StreamControl.STOP:
-                return stream.close()
-    except BaseException:
-        stream.close()
-        raise
-    assert stream.completion is not None
-    return stream.completion
+    """Feed `callback` until the end or STOP (see `callbacks.run_stream`)."""
+    result: ChatCompletion = run_stream(stream, callback)
+    return result
 
 
 async def run_async_chat_stream(stream: AsyncRemoteChatStream, callback: AsyncChatCallback) -> ChatCompletion:
     """`run_chat_stream` for asyncio; `callback` may be a coroutine function."""
-    try:
-        async for chunk in stream:
-            control = callback(chunk)
-            if inspect.isawaitable(control):
-                control = await control
-            if control is StreamControl.STOP:
-                return await stream.close()
-    except BaseException:
-        await stream.close()
-        raise
-    assert stream.completion is not None
-    return stream.completion
+    result: ChatCompletion = await run_async_stream(stream, callback)
+    return result

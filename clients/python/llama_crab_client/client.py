@@ -11,7 +11,7 @@ CANCELLED, as in process.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Optional, Union
 
@@ -21,6 +21,7 @@ from . import convert
 from .calls import Prompt, StreamClock, chat_call, complete_call, detokenize_request, tokenize_request
 from .chat import ChatCompletion, ChatCompletionCallback, ChatMessage, ChatRequest, ResponseFormat, Tool
 from .chat_stream import RemoteChatStream, run_chat_stream
+from .callbacks import run_stream
 from .channel import ClientBase
 from .errors import InternalError
 from .status import from_rpc_error
@@ -32,7 +33,6 @@ from .types import (
     CompletionCallback,
     CompletionOptions,
     ModelInfo,
-    StreamControl,
     completion_from_delivered,
 )
 from .v1 import llama_crab_pb2 as pb
@@ -165,16 +165,8 @@ class Client(ClientBase):
         STOP the RPC is cancelled and the Completion holds exactly the delivered chunks
         (CANCELLED). An exception from the callback cancels the RPC and propagates.
         """
-        stream = self.stream(prompt, options, timeout=timeout, request_id=request_id)
-        try:
-            for chunk in stream:
-                if callback(chunk) is StreamControl.STOP:
-                    return stream.close()
-        except BaseException:
-            stream.close()
-            raise
-        assert stream.completion is not None
-        return stream.completion
+        result: Completion = run_stream(self.stream(prompt, options, timeout=timeout, request_id=request_id), callback)
+        return result
 
     def create_completion(
         self,
