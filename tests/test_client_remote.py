@@ -205,6 +205,9 @@ def test_cli_ctrl_c_cancels_cleanly(server_address: str) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # As from a terminal: a suite started in the background (`cmd &` in a script)
+        # passes SIGINT on as ignored, and Python then never turns it into Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert proc.stdout is not None
     first = proc.stdout.readline()  # wait for the first chunk: the stream is running
