@@ -72,7 +72,8 @@ NB_MODULE(_engine, m) {
         .def_rw("cache_prompt", &EngineParams::cache_prompt)
         .def_rw("cache_ram_bytes", &EngineParams::cache_ram_bytes)
         .def_rw("chat_template", &EngineParams::chat_template)
-        .def_rw("adaptive_threads", &EngineParams::adaptive_threads);
+        .def_rw("adaptive_threads", &EngineParams::adaptive_threads)
+        .def_rw("prefill_step_tokens", &EngineParams::prefill_step_tokens);
 
     nb::class_<SamplingParams>(m, "SamplingParams")
         .def(nb::init<>())

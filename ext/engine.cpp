@@ -563,8 +563,12 @@ bool Engine::build_batch() {
         if (slot.state == SlotState::PREFILLING) prefilling.push_back(&slot);
     }
     std::sort(prefilling.begin(), prefilling.end(), [](const Slot * a, const Slot * b) { return a->req->id < b->req->id; });
+    const int32_t prefill_cap = params_.prefill_step_tokens > 0
+                                    ? std::min(n_batch, static_cast<int32_t>(params_.prefill_step_tokens))
+                                    : n_batch;
+    int32_t prefilled = 0;
     for (Slot * slot : prefilling) {
-        const int32_t budget = n_batch - batch_.n_tokens;
+        const int32_t budget = std::min(n_batch - batch_.n_tokens, prefill_cap - prefilled);
         if (budget <= 0) break;
         const auto & prompt = slot->req->prompt;
         const size_t n = std::min(static_cast<size_t>(budget), prompt.size() - slot->n_prompt_done);
@@ -576,6 +580,7 @@ bool Engine::build_batch() {
             batch_add(batch_, token, slot->n_past++, slot->seq.id, last_piece && i + 1 == n);
         }
         slot->n_prompt_done += n;
+        prefilled += static_cast<int32_t>(n);
         slot->i_batch = last_piece ? batch_.n_tokens - 1 : -1;
         slot->in_batch = true;
     }

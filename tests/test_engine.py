@@ -445,3 +445,17 @@ def test_thread_count_is_reported_and_fixed_without_the_governor(model_path: str
     with pytest.raises(InvalidArgumentError) as exc:
         Llama.load(LlamaParams(model_path, adaptive_threads="yes"))  # type: ignore[arg-type]
     assert exc.value.field == "adaptive_threads"
+
+
+def test_prefill_step_bounds_the_prompt_tokens_per_step(model_path: str) -> None:
+    # A long prompt is prefilled at most prefill_step_tokens per step (decoding streams
+    # then wait one short step at a time, not one long one).
+    prompt = "The history of the city began long ago, when " * 12
+    with Llama.load(LlamaParams(model_path, n_ctx=512, prefill_step_tokens=16)) as stepped:
+        steps_before = stepped.metrics().decode_steps_total
+        done = stepped.create_completion(prompt, CompletionOptions(4, cache_prompt=False))
+        steps = stepped.metrics().decode_steps_total - steps_before
+    n_prompt = done.usage.prompt_tokens
+    assert n_prompt > 16 * 4
+    # ceil(n_prompt / 16) prefill steps (the last also yields the first token), then 3 decodes.
+    assert steps == -(-n_prompt // 16) + 3

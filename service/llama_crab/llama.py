@@ -377,6 +377,7 @@ class Llama:
         native.cache_prompt = params.cache_prompt
         native.cache_ram_bytes = params.cache_ram_mib << 20
         native.adaptive_threads = params.adaptive_threads
+        native.prefill_step_tokens = params.prefill_step_tokens
         if params.chat_template is not None:
             native.chat_template = params.chat_template
         try:

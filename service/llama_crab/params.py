@@ -30,6 +30,10 @@ class LlamaParams:
     # each other every operation, so one starved thread stalls all), and take it back when
     # a core is idle. False: always n_threads. See docs/busy-host.md.
     adaptive_threads: bool = True
+    # Prompt tokens one decode step may prefill beside the streams already decoding
+    # (0: n_batch): lower keeps their inter-token latency down while a long prompt
+    # arrives, higher gets the newcomer's first token sooner. See docs/performance.md.
+    prefill_step_tokens: int = 0
     n_gpu_layers: int = -1  # -1: offload everything a GPU build can; ignored on CPU builds
     use_mmap: bool = True
     use_mlock: bool = False
@@ -127,7 +131,7 @@ class LlamaParams:
             out.append(("cache_prompt", "must be True or False"))
         if not isinstance(self.cache_ram_mib, int) or isinstance(self.cache_ram_mib, bool) or not 0 <= self.cache_ram_mib < 2**22:
             out.append(("cache_ram_mib", "must be an integer >= 0 (0 = off)"))
-        for name in ("max_queue", "max_grammar_bytes", "max_buffered_bytes"):
+        for name in ("max_queue", "max_grammar_bytes", "max_buffered_bytes", "prefill_step_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
                 out.append((name, "must be an integer >= 0 (0 = unbounded)"))

@@ -214,6 +214,7 @@ def load_llama(config: ServeConfig) -> Llama:
         path,
         n_ctx=config.n_ctx,
         n_batch=config.n_batch,
+        prefill_step_tokens=config.prefill_step,
         n_threads=config.threads,
         adaptive_threads=config.adaptive_threads,
         n_gpu_layers=config.n_gpu_layers,

@@ -31,6 +31,7 @@ class ServeConfig:
     parallel: int = 4
     max_queue: int = 64
     n_batch: int = 512
+    prefill_step: int = 0
     threads: Optional[int] = None
     adaptive_threads: bool = True
     n_gpu_layers: int = -1
@@ -94,6 +95,7 @@ class ServeConfig:
             "max_sample_ms",
             "stream_buffer_kib",
             "cache_ram",
+            "prefill_step",
         ):
             at_least(name, 0)
 
@@ -184,6 +186,13 @@ OPTIONS: tuple[Option, ...] = (
         "max_queue", int, "N", "requests that may wait for a free slot; more get RESOURCE_EXHAUSTED (0 = unbounded)"
     ),
     Option("n_batch", int, "N", "prompt tokens decoded per step"),
+    Option(
+        "prefill_step",
+        int,
+        "N",
+        "prompt tokens one step may prefill beside decoding streams (0 = --n-batch): lower keeps their "
+        "inter-token latency down while a long prompt arrives",
+    ),
     Option("threads", _optional_int, "N", "CPU threads for decoding and prompt processing", unset="every core"),
     Option(
         "adaptive_threads",
