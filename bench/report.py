@@ -429,6 +429,10 @@ def markdown(results: dict[str, Any], png_name: Optional[str]) -> str:
         "Decode beside a CPU-bound neighbour process (the thread governor, the wait policy, `--threads` advice): "
         "[busy-host.md](busy-host.md) (`python bench/run.py --scenario busy`).",
         "",
+        "A long prompt arriving beside 4 decoding streams (newcomer TTFT, the decoders' inter-token latency, "
+        "the `--prefill-step` budget, prefill vs llama-bench pp512): [mixed-load.md](mixed-load.md) "
+        "(`python bench/run.py --scenario mixed`).",
+        "",
     ]
     # The profiling hypotheses and their outcomes are written by hand; they ride along.
     hypotheses = Path(__file__).resolve().parent / "hypotheses.md"

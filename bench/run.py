@@ -3,7 +3,8 @@
     python bench/run.py [--model smollm2-135m] [--threads N] [--n-predict 128] [--reps 3]
     python bench/run.py --scenario chat [...]    # Chat vs Complete, and a multi-turn session
     python bench/run.py --scenario busy [...]    # decode beside a CPU-bound neighbour process
-    python bench/run.py --scenario all [...]     # all three
+    python bench/run.py --scenario mixed [...]   # a long prompt arriving beside 4 decoding streams
+    python bench/run.py --scenario all [...]     # all four
 
 Columns, all on the same model and thread count:
   llama-bench    raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
@@ -72,10 +73,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--scenario",
-        choices=("performance", "chat", "busy", "all"),
+        choices=("performance", "chat", "busy", "mixed", "all"),
         default="performance",
         help="performance: the columns above; chat: bench/chat.py (Chat vs Complete, a session); "
-        "busy: bench/busy_host.py (decode beside a CPU hog); all: the three",
+        "busy: bench/busy_host.py (decode beside a CPU hog); mixed: bench/mixed.py (a long prompt "
+        "beside decoding streams, the --prefill-step budget); all: the four",
     )
     parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
@@ -109,6 +111,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--chat-markdown", type=Path, default=ROOT / "docs" / "chat-performance.md")
     parser.add_argument("--busy-markdown", type=Path, default=ROOT / "docs" / "busy-host.md")
+    parser.add_argument("--mixed-markdown", type=Path, default=ROOT / "docs" / "mixed-load.md")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "performance.png")
     args = parser.parse_args(argv)
     import busy_host  # its defaults and limits (it imports nothing heavy)
@@ -181,6 +184,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.model, model, args.threads, args.busy_n_predict, args.reps, args.timeout, markdown=args.busy_markdown
         )
         print(busy_host.report(busy_results))
+    if args.scenario in ("mixed", "all"):
+        import mixed
+
+        server, bench, mixed_skipped = mixed.tools(args.llama_server, args.llama_bench, args.no_build)
+        mixed_results = mixed.run(
+            args.model, model, args.threads, args.reps, mixed.BUDGETS, args.timeout, server, bench,
+            markdown=args.mixed_markdown, skipped=mixed_skipped,
+        )  # fmt: skip
+        print(mixed.report(mixed_results))
     return 0
 
 

@@ -563,7 +563,8 @@ bool Engine::build_batch() {
         if (slot.state == SlotState::PREFILLING) prefilling.push_back(&slot);
     }
     std::sort(prefilling.begin(), prefilling.end(), [](const Slot * a, const Slot * b) { return a->req->id < b->req->id; });
-    const int32_t prefill_cap = params_.prefill_step_tokens > 0
+    // The budget holds only beside decoding streams: a prompt alone gets whole batches.
+    const int32_t prefill_cap = params_.prefill_step_tokens > 0 && batch_.n_tokens > 0
                                     ? std::min(n_batch, static_cast<int32_t>(params_.prefill_step_tokens))
                                     : n_batch;
     int32_t prefilled = 0;

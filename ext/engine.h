@@ -62,10 +62,11 @@ struct EngineParams {
     // Host-RAM cache of evicted sequence states, in bytes (0: off).
     uint64_t cache_ram_bytes = 512ull << 20;
 
-    // Prompt tokens one step may prefill beside the decoding sequences (0: n_batch). Less
-    // keeps other streams' inter-token latency low while a long prompt arrives; more gets
-    // the newcomer's first token sooner.
-    uint32_t prefill_step_tokens = 0;
+    // Prompt tokens one step may prefill beside decoding sequences (0: n_batch; a prompt
+    // with nobody decoding always gets whole batches). Less keeps the other streams'
+    // inter-token latency low while a long prompt arrives; more gets the newcomer's first
+    // token sooner. 128 by the mixed-load benchmark (docs/mixed-load.md).
+    uint32_t prefill_step_tokens = 128;
 
     // Drop compute threads while a neighbour process takes their cores, and take them back
     // when cores are idle (see thread_governor.h); false: always n_threads.

@@ -447,15 +447,24 @@ def test_thread_count_is_reported_and_fixed_without_the_governor(model_path: str
     assert exc.value.field == "adaptive_threads"
 
 
-def test_prefill_step_bounds_the_prompt_tokens_per_step(model_path: str) -> None:
-    # A long prompt is prefilled at most prefill_step_tokens per step (decoding streams
-    # then wait one short step at a time, not one long one).
+def test_prefill_step_bounds_the_prompt_tokens_per_step_beside_decoders(model_path: str) -> None:
+    # Beside a decoding stream, a long prompt is prefilled at most prefill_step_tokens per
+    # step (the decoder waits one short step at a time); alone, it gets whole batches.
     prompt = "The history of the city began long ago, when " * 12
-    with Llama.load(LlamaParams(model_path, n_ctx=512, prefill_step_tokens=16)) as stepped:
-        steps_before = stepped.metrics().decode_steps_total
-        done = stepped.create_completion(prompt, CompletionOptions(4, cache_prompt=False))
-        steps = stepped.metrics().decode_steps_total - steps_before
-    n_prompt = done.usage.prompt_tokens
-    assert n_prompt > 16 * 4
-    # ceil(n_prompt / 16) prefill steps (the last also yields the first token), then 3 decodes.
-    assert steps == -(-n_prompt // 16) + 3
+    params = LlamaParams(model_path, n_ctx=1024, n_parallel=2, prefill_step_tokens=16)
+    with Llama.load(params) as stepped:
+        before = stepped.metrics().decode_steps_total
+        alone = stepped.create_completion(prompt, CompletionOptions(1, cache_prompt=False))
+        assert stepped.metrics().decode_steps_total - before == 1  # one batch: 100+ tokens < n_batch
+        n_prompt = alone.usage.prompt_tokens
+        assert n_prompt > 16 * 4
+        # A grammar that cannot end before max_tokens keeps the decoder running throughout.
+        endless = CompletionOptions(400, cache_prompt=False, grammar='root ::= "ab"{1000}')
+        decoder = stepped.submit("Once upon a time", endless)
+        try:
+            assert next(iter(decoder.events())) is not None  # decoding now
+            before = stepped.metrics().decode_steps_total
+            stepped.create_completion(prompt, CompletionOptions(1, cache_prompt=False))
+            assert stepped.metrics().decode_steps_total - before >= -(-n_prompt // 16)
+        finally:
+            decoder.close()

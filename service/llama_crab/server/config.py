@@ -31,7 +31,7 @@ class ServeConfig:
     parallel: int = 4
     max_queue: int = 64
     n_batch: int = 512
-    prefill_step: int = 0
+    prefill_step: int = 128
     threads: Optional[int] = None
     adaptive_threads: bool = True
     n_gpu_layers: int = -1
@@ -190,8 +190,8 @@ OPTIONS: tuple[Option, ...] = (
         "prefill_step",
         int,
         "N",
-        "prompt tokens one step may prefill beside decoding streams (0 = --n-batch): lower keeps their "
-        "inter-token latency down while a long prompt arrives",
+        "prompt tokens one step may prefill beside decoding streams (0 = --n-batch; a prompt alone gets "
+        "whole batches): lower keeps their inter-token latency down while a long prompt arrives",
     ),
     Option("threads", _optional_int, "N", "CPU threads for decoding and prompt processing", unset="every core"),
     Option(
