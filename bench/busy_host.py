@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common import (
+    add_model_arguments,
     PROMPT,
     ChunkStream,
     cpu_name,
@@ -758,8 +759,7 @@ def report(results: dict[str, Any]) -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
+    add_model_arguments(parser)
     parser.add_argument("--n-predict", type=int, default=N_PREDICT, help="tokens per measured stream (default: 256)")
     parser.add_argument("--settle-tokens", type=int, default=SETTLE_TOKENS, help="tokens before it (default: 128)")
     parser.add_argument("--reps", type=int, default=3, help="rounds per configuration (default: %(default)s)")

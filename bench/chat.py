@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from common import PROMPT, ChunkStream, cpu_name, end_of_generation_bias, loadavg_text, proc_cpu_seconds
+from common import ChunkStream, PROMPT, add_model_arguments, cpu_name, end_of_generation_bias, loadavg_text, proc_cpu_seconds
 from service import run_concurrent, serve
 
 from llama_crab import Llama, LlamaParams
@@ -392,8 +392,7 @@ def report(results: dict[str, Any]) -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
+    add_model_arguments(parser)
     parser.add_argument("--n-predict", type=int, default=128, help="tokens per stream, Chat vs Complete (default: 128)")
     parser.add_argument("--reps", type=int, default=5, help="rounds per side and conversations per mode (default: 5)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context shared by the slots (default: %(default)s)")

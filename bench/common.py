@@ -7,6 +7,8 @@ llama-bench's tg test does.
 
 from __future__ import annotations
 
+import argparse
+
 import math
 import os
 import platform
@@ -272,3 +274,9 @@ def run_measured(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
         out.seek(0)
         err.seek(0)
         return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024.0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --threads, the same in every benchmark script."""
+    parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from common import PROMPT, cpu_name, end_of_generation_bias, loadavg_text, percentile
+from common import PROMPT, add_model_arguments, cpu_name, end_of_generation_bias, loadavg_text, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -469,8 +469,7 @@ def report(results: dict[str, Any]) -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS), help="--prefill-step values")
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)

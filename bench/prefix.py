@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from common import load_average
+from common import add_model_arguments, load_average
 from service import serve
 
 from llama_crab_client import Client, CompletionOptions
@@ -101,8 +100,7 @@ def median_range(values: list[float]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    add_model_arguments(parser)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--turns", type=int, default=10)
     args = parser.parse_args(argv)

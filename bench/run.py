@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import llama_bench
 import report
-from common import RoundResult, Summary, cpu_name, loadavg_text, run_measured
+from common import RoundResult, Summary, add_model_arguments, cpu_name, loadavg_text, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -79,8 +79,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         "busy: bench/busy_host.py (decode beside a CPU hog); mixed: bench/mixed.py (a long prompt "
         "beside decoding streams, the --prefill-step budget); all: the four",
     )
-    parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
+    add_model_arguments(parser)
     parser.add_argument(
         "--n-predict", type=int, help="tokens generated per stream (default: 128; the busy scenario's: 256)"
     )
