@@ -35,6 +35,8 @@ void forward_log(int level, const std::string & line, void *) {
 
 }  // namespace
 
+void bind_lowlevel(nb::module_ & m);  // lowlevel_bindings.cpp
+
 NB_MODULE(_engine, m) {
     m.doc() = "Native llama.cpp engine of llama-crab (continuous batching scheduler).";
 
@@ -293,4 +295,6 @@ NB_MODULE(_engine, m) {
         "Send llama.cpp log lines (level, text) to `callable` instead of stderr.");
     m.def("set_log_min_level", &set_log_min_level, "min_level"_a);
     m.def("remove_log_handler", &remove_log_handler);
+
+    bind_lowlevel(m);
 }
