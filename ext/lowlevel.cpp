@@ -43,7 +43,8 @@ private:
     std::atomic<bool> & busy_;
 };
 
-// Replace invalid UTF-8 with U+FFFD, so every string handed out decodes.
+// Replace invalid UTF-8 with U+FFFD, one per maximal invalid subpart (as Python's
+// bytes.decode("utf-8", "replace") does), so every string handed out decodes.
 std::string valid_utf8(const std::string & s) {
     std::string out;
     out.reserve(s.size());
@@ -52,26 +53,32 @@ std::string valid_utf8(const std::string & s) {
     size_t i = 0;
     while (i < n) {
         const unsigned char c = p[i];
-        size_t len = 0;
-        uint32_t min = 0;
-        if (c < 0x80) { out += static_cast<char>(c); ++i; continue; }
-        if ((c & 0xE0) == 0xC0) { len = 2; min = 0x80; }
-        else if ((c & 0xF0) == 0xE0) { len = 3; min = 0x800; }
-        else if ((c & 0xF8) == 0xF0) { len = 4; min = 0x10000; }
-        bool ok = len != 0 && i + len <= n;
-        uint32_t cp = ok ? (c & (0x7F >> len)) : 0;
-        for (size_t k = 1; ok && k < len; ++k) {
-            if ((p[i + k] & 0xC0) != 0x80) ok = false;
-            else cp = (cp << 6) | (p[i + k] & 0x3F);
+        if (c < 0x80) {
+            out += static_cast<char>(c);
+            ++i;
+            continue;
         }
-        if (ok && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) ok = false;
-        if (ok) {
-            out.append(s, i, len);
-            i += len;
+        size_t need = 0;
+        unsigned char lo = 0x80, hi = 0xBF;  // the range of the first continuation byte
+        if (c >= 0xC2 && c <= 0xDF) need = 1;
+        else if (c == 0xE0) { need = 2; lo = 0xA0; }
+        else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) need = 2;
+        else if (c == 0xED) { need = 2; hi = 0x9F; }
+        else if (c == 0xF0) { need = 3; lo = 0x90; }
+        else if (c >= 0xF1 && c <= 0xF3) need = 3;
+        else if (c == 0xF4) { need = 3; hi = 0x8F; }
+        size_t k = 1;  // bytes of the (possibly partial) sequence that are valid so far
+        while (need != 0 && k <= need && i + k < n) {
+            const unsigned char b = p[i + k];
+            if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) break;
+            ++k;
+        }
+        if (need != 0 && k == need + 1) {
+            out.append(s, i, k);
         } else {
             out += "\xEF\xBF\xBD";
-            ++i;
         }
+        i += k;
     }
     return out;
 }
@@ -607,7 +614,13 @@ void Context::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos
 void Context::seq_keep(llama_seq_id seq) {
     Borrow use(busy_, closed(), "Context", "seq_keep");
     check_seq(seq);
-    llama_memory_seq_keep(memory(), seq);
+    llama_memory_t mem = memory();
+    llama_memory_seq_keep(mem, seq);
+    // With a KV stream per sequence, llama.cpp's seq_keep only looks at seq's own stream.
+    const auto n = static_cast<llama_seq_id>(llama_n_seq_max(ctx_));
+    for (llama_seq_id s = 0; s < n; ++s) {
+        if (s != seq) llama_memory_seq_rm(mem, s, -1, -1);
+    }
 }
 
 void Context::seq_add(llama_seq_id seq, llama_pos p0, llama_pos p1, llama_pos delta) {
