@@ -124,6 +124,7 @@ Model::Model(const ModelParams & params) {
         throw ModelLoadError(with_detail("cannot load model '" + params.path + "': not a valid GGUF model"));
     }
     handle_ = ModelHandle(m, llama_model_free);
+    vocab_only_ = params.vocab_only;
 }
 
 const ModelHandle & Model::handle() const {
@@ -354,8 +355,10 @@ llama_batch Batch::view() {
 
 // ---- Context -------------------------------------------------------------------------------
 
-Context::Context(ModelHandle model, const ContextParams & p) : model_(std::move(model)), kv_unified_(p.kv_unified) {
+Context::Context(ModelHandle model, const ContextParams & p, bool vocab_only)
+    : model_(std::move(model)), kv_unified_(p.kv_unified) {
     if (!model_) throw ClosedError("Model is closed");
+    if (vocab_only) throw std::invalid_argument("model: loaded with vocab_only=True, it has no weights to decode with");
     if (p.n_seq_max < 1 || p.n_seq_max > llama_max_parallel_sequences()) {
         throw std::invalid_argument("n_seq_max: must be in [1, " + std::to_string(llama_max_parallel_sequences()) + "]");
     }

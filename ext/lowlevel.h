@@ -60,6 +60,7 @@ public:
     explicit Model(const ModelParams & params);  // throws ModelLoadError
     void close() { handle_.reset(); }
     bool closed() const { return !handle_; }
+    bool vocab_only() const { return vocab_only_; }  // no weights: no Context
 
     const ModelHandle & handle() const;  // throws ClosedError
     const llama_vocab * vocab() const;
@@ -91,6 +92,7 @@ public:
 
 private:
     ModelHandle handle_;
+    bool vocab_only_ = false;
 };
 
 // Tokens to decode: each with a position, the sequences it belongs to, and whether its
@@ -141,7 +143,9 @@ struct ContextParams {
 
 class Context {
 public:
-    Context(ModelHandle model, const ContextParams & params);  // holds the model until closed
+    // Holds the model until closed. A vocab_only model (no weights) is refused: llama.cpp
+    // would make the context and abort on its first decode.
+    Context(ModelHandle model, const ContextParams & params, bool vocab_only = false);
     ~Context();
     Context(const Context &) = delete;
     Context & operator=(const Context &) = delete;

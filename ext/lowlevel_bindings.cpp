@@ -111,23 +111,53 @@ llama_crab::SamplerStage to_stage(const std::string & kind, const std::map<std::
     return s;
 }
 
-// The custom stage's function: logits (list[float]) -> token id. Runs with the GIL held
-// (Sampler.sample keeps it when a custom stage is present).
-ll::CustomFn python_stage(nb::object fn) {
-    return [fn = std::move(fn)](const std::vector<float> & logits) -> llama_token {
-        nb::object r = fn(nb::cast(logits));
-        int64_t t = 0;
-        if (PyBool_Check(r.ptr()) || !nb::try_cast<int64_t>(r, t, false)) {
-            const std::string type = nb::cast<std::string>(nb::type_name(r.type()));
-            throw nb::type_error(("the custom sampler stage must return an int token id, not " + type).c_str());
-        }
-        if (t < INT32_MIN || t > INT32_MAX) {
-            throw std::out_of_range("the custom sampler stage returned token " + std::to_string(t) +
-                                    ", outside the vocabulary");
-        }
-        return static_cast<llama_token>(t);
-    };
+// The native Sampler plus the Python function of its custom stage, owned here (not inside
+// the C++ std::function) so the cyclic GC can see it: a function that refers, through its
+// globals or a closure, back to the sampler would otherwise be a leak.
+struct PySampler : ll::Sampler {
+    nb::object fn;
+    PySampler(ll::ModelHandle model, const std::vector<llama_crab::SamplerStage> & stages, nb::object custom,
+              uint32_t seed, int32_t n_ctx)
+        : ll::Sampler(std::move(model), stages, custom.is_none() ? ll::CustomFn() : python_stage(&fn), seed, n_ctx),
+          fn(std::move(custom)) {}
+
+    // The custom stage's function: logits (list[float]) -> token id. Runs with the GIL held
+    // (sample keeps it when a custom stage is present).
+    static ll::CustomFn python_stage(const nb::object * slot) {
+        return [slot](const std::vector<float> & logits) -> llama_token {
+            if (!slot->is_valid()) throw ll::ClosedError("Sampler is closed");
+            nb::object r = (*slot)(nb::cast(logits));
+            int64_t t = 0;
+            if (PyBool_Check(r.ptr()) || !nb::try_cast<int64_t>(r, t, false)) {
+                const std::string type = nb::cast<std::string>(nb::type_name(r.type()));
+                throw nb::type_error(("the custom sampler stage must return an int token id, not " + type).c_str());
+            }
+            if (t < INT32_MIN || t > INT32_MAX) {
+                throw std::out_of_range("the custom sampler stage returned token " + std::to_string(t) +
+                                        ", outside the vocabulary");
+            }
+            return static_cast<llama_token>(t);
+        };
+    }
+};
+
+int sampler_traverse(PyObject * self, visitproc visit, void * arg) {
+    Py_VISIT(Py_TYPE(self));
+    if (!nb::inst_ready(self)) return 0;
+    Py_VISIT(nb::inst_ptr<PySampler>(self)->fn.ptr());
+    return 0;
 }
+
+int sampler_clear(PyObject * self) {
+    if (nb::inst_ready(self)) nb::inst_ptr<PySampler>(self)->fn = nb::object();
+    return 0;
+}
+
+PyType_Slot sampler_slots[] = {
+    {Py_tp_traverse, reinterpret_cast<void *>(sampler_traverse)},
+    {Py_tp_clear, reinterpret_cast<void *>(sampler_clear)},
+    {0, nullptr},
+};
 
 template <typename T>
 void add_context_manager(nb::class_<T> & cls, const char * what) {
@@ -201,6 +231,7 @@ void bind_lowlevel(nb::module_ & m) {
             "vocab_only: the vocabulary alone (tokenize without weights; no Context).")
         .def("close", &ll::Model::close, "Drop this handle; the weights go when no Context or Sampler uses them.")
         .def_prop_ro("closed", &ll::Model::closed)
+        .def_prop_ro("vocab_only", &ll::Model::vocab_only, "Loaded without weights (tokenizer only).")
         .def_prop_ro("n_vocab", &ll::Model::n_vocab, "Tokens in the vocabulary.")
         .def_prop_ro("n_ctx_train", &ll::Model::n_ctx_train, "Context length the model was trained with.")
         .def_prop_ro("n_embd", &ll::Model::n_embd)
@@ -320,8 +351,9 @@ void bind_lowlevel(nb::module_ & m) {
                 else throw std::invalid_argument("flash_attn: must be 'auto', 'on' or 'off'");
                 p.kv_unified = kv_unified;
                 ll::ModelHandle handle = model.handle();
+                const bool vocab_only = model.vocab_only();
                 nb::gil_scoped_release release;
-                new (self) ll::Context(std::move(handle), p);
+                new (self) ll::Context(std::move(handle), p, vocab_only);
             },
             "model"_a, "n_ctx"_a = 2048, "n_batch"_a = 512, "n_ubatch"_a = 512, "n_seq_max"_a = 1, "n_threads"_a = 0,
             "n_threads_batch"_a = 0, "flash_attn"_a = "auto", "kv_unified"_a = false,
@@ -437,14 +469,15 @@ void bind_lowlevel(nb::module_ & m) {
     add_context_manager(context, "Close the context.");
 
     // ---- Sampler --------------------------------------------------------------------------
-    nb::class_<ll::Sampler> sampler(
+    nb::class_<PySampler> sampler(
         ll_mod, "Sampler",
         "A llama.cpp sampler chain from typed stages ((kind, params) pairs; llama_crab.lowlevel.Sampler builds "
-        "them from a SamplerChain), optionally ending in a Python function from logits to a token id.");
+        "them from a SamplerChain), optionally ending in a Python function from logits to a token id.",
+        nb::type_slots(sampler_slots));
     sampler
         .def(
             "__init__",
-            [](ll::Sampler * self, const ll::Model & model,
+            [](PySampler * self, const ll::Model & model,
                const std::vector<std::pair<std::string, std::map<std::string, nb::object>>> & stages, nb::object custom,
                int64_t seed, int64_t n_ctx) {
                 std::vector<llama_crab::SamplerStage> typed;
@@ -455,30 +488,33 @@ void bind_lowlevel(nb::module_ & m) {
                         throw std::invalid_argument("stages[" + std::to_string(i) + "]: " + e.what());
                     }
                 }
-                ll::CustomFn fn;
-                if (!custom.is_none()) {
-                    if (!PyCallable_Check(custom.ptr())) throw std::invalid_argument("custom: must be callable");
-                    fn = python_stage(custom);
+                if (!custom.is_none() && !PyCallable_Check(custom.ptr())) {
+                    throw std::invalid_argument("custom: must be callable");
                 }
                 if (seed < 0 || seed > 0xFFFFFFFFLL) throw std::invalid_argument("seed: must be in [0, 2**32 - 1]");
-                new (self) ll::Sampler(model.handle(), typed, std::move(fn), static_cast<uint32_t>(seed),
-                                       in_range("n_ctx", n_ctx, 0, INT32_MAX));
+                new (self) PySampler(model.handle(), typed, std::move(custom), static_cast<uint32_t>(seed),
+                                     in_range("n_ctx", n_ctx, 0, INT32_MAX));
             },
             "model"_a, "stages"_a, "custom"_a.none() = nb::none(), "seed"_a = static_cast<int64_t>(LLAMA_DEFAULT_SEED),
             "n_ctx"_a = 0)
-        .def("close", &ll::Sampler::close)
-        .def_prop_ro("closed", &ll::Sampler::closed)
-        .def_prop_ro("has_custom", &ll::Sampler::has_custom)
+        .def(
+            "close",
+            [](PySampler & s) {
+                s.close();
+                s.fn = nb::object();
+            })
+        .def_prop_ro("closed", [](const PySampler & s) { return s.closed(); })
+        .def_prop_ro("has_custom", [](const PySampler & s) { return s.has_custom(); })
         .def(
             "sample",
-            [](ll::Sampler & s, ll::Context & ctx, int32_t idx) {
+            [](PySampler & s, ll::Context & ctx, int32_t idx) {
                 if (s.has_custom()) return s.sample(ctx, idx);  // calls Python: keep the GIL
                 nb::gil_scoped_release release;
                 return s.sample(ctx, idx);
             },
             "ctx"_a, "idx"_a = -1, "Pick a token from position idx of ctx's last decode and accept it.")
-        .def("accept", [](ll::Sampler & s, int64_t token) { s.accept(as_token(token)); }, "token"_a,
+        .def("accept", [](PySampler & s, int64_t token) { s.accept(as_token(token)); }, "token"_a,
              "Tell the stateful stages (penalties, dry, mirostat) about a token not sampled here (e.g. the prompt).")
-        .def("reset", &ll::Sampler::reset, "Forget the accepted tokens and the random state's progress.");
+        .def("reset", [](PySampler & s) { s.reset(); }, "Forget the accepted tokens and the random state's progress.");
     add_context_manager(sampler, "Close the sampler.");
 }

@@ -106,6 +106,13 @@ def test_model_load_errors(tmp_path: Path) -> None:
         Model.load(junk)
 
 
+def test_vocab_only_model_tokenizes_but_makes_no_context(model_path: str) -> None:
+    with Model.load(model_path, vocab_only=True) as vocab:
+        assert vocab.vocab_only and vocab.tokenize(PROMPT)
+        with pytest.raises(ValueError, match="vocab_only"):
+            Context(vocab)  # llama.cpp would abort on the first decode
+
+
 def test_closed_model_raises_and_live_context_keeps_it(model_path: str) -> None:
     with Model.load(model_path) as m:
         ctx = Context(m, n_ctx=256, n_threads=2)
@@ -351,7 +358,7 @@ def test_custom_stage_errors_propagate_and_the_sampler_survives(model: Model, ct
     holder.append(sampler)
     with pytest.raises(BusyError):
         sampler.sample(ctx)
-    sampler.close()  # the stage refers to its sampler: closing breaks the cycle
+    del sampler, holder  # a cycle through the stage's function: the GC collects it
     ok = Sampler(model, SamplerChain().top_k(1).custom(lambda logits: top2[0]))
     assert ok.sample(ctx) == top2[0]
 
