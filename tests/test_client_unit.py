@@ -3,6 +3,7 @@ request validation, channel settings and the delivered-completion helper."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any, Optional
@@ -57,6 +58,7 @@ FULL_OPTIONS = CompletionOptions(
     logit_bias={5: -math.inf, 17: 2.5},
     grammar='root ::= "yes" | "no"',
     samplers=("top_k", "temperature"),
+    cache_prompt=False,
 )
 
 LOGPROBS = (
@@ -70,6 +72,13 @@ LOGPROBS = (
 def test_options_round_trip(options: CompletionOptions) -> None:
     wire = pb.CompletionOptions.FromString(convert.options_to_proto(options).SerializeToString())
     assert convert.options_from_proto(wire) == options
+
+
+def test_full_options_set_every_field() -> None:
+    """So the round trip above covers each option, including ones added later."""
+    defaults = CompletionOptions()
+    unset = [f.name for f in dataclasses.fields(CompletionOptions) if getattr(FULL_OPTIONS, f.name) == getattr(defaults, f.name)]
+    assert unset == []
 
 
 def test_unset_proto_options_mean_the_shared_defaults() -> None:

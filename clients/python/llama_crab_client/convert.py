@@ -75,53 +75,33 @@ _STOP_FROM_PROTO = {v: k for k, v in _STOP_TO_PROTO.items()}
 
 
 # ---- options ----------------------------------------------------------------------------
+# CompletionOptions' fields and the message's have the same names: scalars travel by name
+# (unset = the dataclass default), so a new option needs no line here. Only the fields
+# below have another wire form.
+_REPEATED = ("stop_sequences", "samplers")
+_OTHER = ("logit_bias", *_REPEATED)
+_SCALARS = tuple(f.name for f in dataclasses.fields(CompletionOptions) if f.name not in _OTHER)
+
+
 def options_to_proto(o: CompletionOptions) -> pb.CompletionOptions:
-    msg = pb.CompletionOptions(
-        max_tokens=o.max_tokens,
-        stop_sequences=list(o.stop_sequences),
-        temperature=o.temperature,
-        top_k=o.top_k,
-        top_p=o.top_p,
-        min_p=o.min_p,
-        typical_p=o.typical_p,
-        repeat_penalty=o.repeat_penalty,
-        presence_penalty=o.presence_penalty,
-        frequency_penalty=o.frequency_penalty,
-        penalty_last_n=o.penalty_last_n,
-        logit_bias={int(k): float(v) for k, v in o.logit_bias.items()},
-        samplers=list(o.samplers or ()),
-    )
-    if o.logprobs is not None:
-        msg.logprobs = o.logprobs
-    if o.seed is not None:
-        msg.seed = o.seed
-    if o.grammar is not None:
-        msg.grammar = o.grammar
-    if not o.cache_prompt:
-        msg.cache_prompt = False
+    msg = pb.CompletionOptions(logit_bias={int(k): float(v) for k, v in o.logit_bias.items()})
+    for name in _REPEATED:
+        getattr(msg, name).extend(getattr(o, name) or ())
+    for name in _SCALARS:
+        value = getattr(o, name)
+        if value is not None and value != getattr(_DEFAULTS, name):
+            setattr(msg, name, value)
     return msg
 
 
 def options_from_proto(m: pb.CompletionOptions) -> CompletionOptions:
-    d = _DEFAULTS
+    message: Any = m  # fields by name: HasField's typed literals do not cover a loop
+    values: dict[str, Any] = {name: getattr(m, name) for name in _SCALARS if message.HasField(name)}
     return CompletionOptions(
-        max_tokens=m.max_tokens if m.HasField("max_tokens") else d.max_tokens,
         stop_sequences=tuple(m.stop_sequences),
-        logprobs=m.logprobs if m.HasField("logprobs") else None,
-        temperature=m.temperature if m.HasField("temperature") else d.temperature,
-        top_k=m.top_k if m.HasField("top_k") else d.top_k,
-        top_p=m.top_p if m.HasField("top_p") else d.top_p,
-        min_p=m.min_p if m.HasField("min_p") else d.min_p,
-        typical_p=m.typical_p if m.HasField("typical_p") else d.typical_p,
-        repeat_penalty=m.repeat_penalty if m.HasField("repeat_penalty") else d.repeat_penalty,
-        presence_penalty=m.presence_penalty if m.HasField("presence_penalty") else d.presence_penalty,
-        frequency_penalty=m.frequency_penalty if m.HasField("frequency_penalty") else d.frequency_penalty,
-        penalty_last_n=m.penalty_last_n if m.HasField("penalty_last_n") else d.penalty_last_n,
-        seed=m.seed if m.HasField("seed") else None,
         logit_bias=dict(m.logit_bias),
-        grammar=m.grammar if m.HasField("grammar") else None,
         samplers=tuple(m.samplers) if m.samplers else None,
-        cache_prompt=m.cache_prompt if m.HasField("cache_prompt") else d.cache_prompt,
+        **values,
     )
 
 
