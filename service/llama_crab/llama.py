@@ -489,6 +489,8 @@ class Llama:
         grammar_field: str = "grammar",
     ) -> CompletionHandle:
         sp = sampling_params(options)
+        if options.json_schema is not None:
+            grammar_field = "json_schema"
         try:
             return CompletionHandle(submit(sp), convert)
         except _engine.InvalidGrammarError as e:

@@ -11,11 +11,25 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from llama_crab_client.sampling import SamplerChain, SamplerStage
 from llama_crab_client.types import CompletionOptions
 
 from . import _engine
 
-__all__ = ["sampling_params"]
+__all__ = ["engine_stage", "sampling_params"]
+
+
+def engine_stage(stage: SamplerStage) -> _engine.SamplerStage:
+    """One typed stage as the engine's stage (same parameter names)."""
+    out = _engine.SamplerStage()
+    out.kind = stage.kind
+    for name, value in stage.params().items():
+        setattr(out, name, list(value) if isinstance(value, tuple) else value)
+    return out
+
+
+def _chain(chain: SamplerChain | None) -> list[_engine.SamplerStage]:
+    return [] if chain is None else [engine_stage(s) for s in chain.stages]
 
 
 # Fields whose engine form differs: None becomes the engine's "unset" value, mappings
@@ -25,7 +39,9 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "seed": lambda v: v or 0,
     "logit_bias": lambda v: [(int(k), float(b)) for k, b in v.items()],
     "grammar": lambda v: v or "",
+    "json_schema": lambda v: v or "",
     "samplers": lambda v: list(v) if v is not None else [],
+    "sampler_chain": _chain,
 }
 
 

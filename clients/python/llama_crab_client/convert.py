@@ -24,6 +24,7 @@ from .chat import (
     ToolChoice,
 )
 from .errors import InvalidArgumentError
+from .sampling import STAGE_TYPES, SamplerChain, SamplerStage
 from .types import (
     Chunk,
     Completion,
@@ -56,6 +57,8 @@ __all__ = [
     "model_info_to_proto",
     "options_from_proto",
     "options_to_proto",
+    "stage_from_proto",
+    "stage_to_proto",
     "tokenize_request_from_proto",
     "tokenize_request_to_proto",
     "tokenize_response_to_proto",
@@ -78,15 +81,45 @@ _STOP_FROM_PROTO = {v: k for k, v in _STOP_TO_PROTO.items()}
 # CompletionOptions' fields and the message's have the same names: scalars travel by name
 # (unset = the dataclass default), so a new option needs no line here. Only the fields
 # below have another wire form.
-_REPEATED = ("stop_sequences", "samplers")
-_OTHER = ("logit_bias", *_REPEATED)
+_REPEATED = ("stop_sequences", "samplers", "dry_sequence_breakers")
+_OTHER = ("logit_bias", "sampler_chain", *_REPEATED)
 _SCALARS = tuple(f.name for f in dataclasses.fields(CompletionOptions) if f.name not in _OTHER)
+
+
+def stage_to_proto(stage: SamplerStage) -> pb.SamplerStage:
+    msg = pb.SamplerStage()
+    sub = getattr(msg, stage.kind)
+    sub.SetInParent()
+    for name, value in stage.params().items():
+        if isinstance(value, tuple):
+            getattr(sub, name).extend(value)
+        else:
+            setattr(sub, name, value)
+    return msg
+
+
+def stage_from_proto(m: pb.SamplerStage) -> Optional[SamplerStage]:
+    """The typed stage, or None for a message with no stage set (a violation downstream)."""
+    kind = m.WhichOneof("stage")
+    if kind is None:
+        return None
+    sub = getattr(m, kind)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(STAGE_TYPES[kind]):
+        if isinstance(f.default, tuple):
+            if len(getattr(sub, f.name)):
+                values[f.name] = tuple(getattr(sub, f.name))
+        elif sub.HasField(f.name):
+            values[f.name] = getattr(sub, f.name)
+    return STAGE_TYPES[kind](**values)
 
 
 def options_to_proto(o: CompletionOptions) -> pb.CompletionOptions:
     msg = pb.CompletionOptions(logit_bias={int(k): float(v) for k, v in o.logit_bias.items()})
     for name in _REPEATED:
         getattr(msg, name).extend(getattr(o, name) or ())
+    if o.sampler_chain is not None:
+        msg.sampler_chain.extend(stage_to_proto(s) for s in o.sampler_chain.stages)
     for name in _SCALARS:
         value = getattr(o, name)
         if value is not None and value != getattr(_DEFAULTS, name):
@@ -97,10 +130,14 @@ def options_to_proto(o: CompletionOptions) -> pb.CompletionOptions:
 def options_from_proto(m: pb.CompletionOptions) -> CompletionOptions:
     message: Any = m  # fields by name: HasField's typed literals do not cover a loop
     values: dict[str, Any] = {name: getattr(m, name) for name in _SCALARS if message.HasField(name)}
+    # An empty stage stays None in the chain, which its validation then names.
+    stages: tuple[Any, ...] = tuple(stage_from_proto(s) for s in m.sampler_chain)
     return CompletionOptions(
         stop_sequences=tuple(m.stop_sequences),
         logit_bias=dict(m.logit_bias),
         samplers=tuple(m.samplers) if m.samplers else None,
+        dry_sequence_breakers=tuple(m.dry_sequence_breakers),
+        sampler_chain=SamplerChain(stages) if stages else None,
         **values,
     )
 
