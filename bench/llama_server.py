@@ -146,7 +146,15 @@ def health_ok(port: int) -> bool:
 
 @contextmanager
 def serve(
-    binary: Path, model: str, threads: int, n_ctx: int, parallel: int, port: int, log: Path, timeout: float = 300.0
+    binary: Path,
+    model: str,
+    threads: int,
+    n_ctx: int,
+    parallel: int,
+    port: int,
+    log: Path,
+    timeout: float = 300.0,
+    cache_ram: Optional[int] = 0,
 ) -> Iterator[int]:
     """`llama-server` on 127.0.0.1:`port` with the gRPC server's engine settings (threads, one
     context of `n_ctx` shared by `parallel` slots with a KV cache per slot, batch 512, flash
@@ -154,12 +162,16 @@ def serve(
 
     `--cache-ram 0` turns off llama-server's host-memory prompt cache, which otherwise saves
     each idle slot's KV on every new request: work a cold, uncached request does not need.
+    `cache_ram` is its size in MiB; None leaves the flag out (llama-server's default: on,
+    8192 MiB, idle slots saved to it), for the prefix-cache scenario (bench/prefix.py).
     """
     cmd = [
         str(binary), "--host", HOST, "--port", str(port), "-m", model, "-t", str(threads), "-tb", str(threads),
         "-np", str(parallel), "-c", str(n_ctx), "-b", "512", "-ub", "512", "-fa", "auto", "--no-kv-unified",
-        "--cache-ram", "0", "--no-webui",
+        "--no-webui",
     ]  # fmt: skip
+    if cache_ram is not None:
+        cmd += ["--cache-ram", str(cache_ram)]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     with log.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)

@@ -4,7 +4,8 @@
     python bench/run.py --scenario chat [...]    # Chat vs Complete, and a multi-turn session
     python bench/run.py --scenario busy [...]    # decode beside a CPU-bound neighbour process
     python bench/run.py --scenario mixed [...]   # a long prompt arriving beside 4 decoding streams
-    python bench/run.py --scenario all [...]     # all four
+    python bench/run.py --scenario prefix [...]  # a shared 1,000-token prefix, cache on vs off, vs llama-server
+    python bench/run.py --scenario all [...]     # all five
 
 Columns, all on the same model and thread count:
   llama-bench    raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
@@ -73,11 +74,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--scenario",
-        choices=("performance", "chat", "busy", "mixed", "all"),
+        choices=("performance", "chat", "busy", "mixed", "prefix", "all"),
         default="performance",
         help="performance: the columns above; chat: bench/chat.py (Chat vs Complete, a session); "
         "busy: bench/busy_host.py (decode beside a CPU hog); mixed: bench/mixed.py (a long prompt "
-        "beside decoding streams, the --prefill-step budget); all: the four",
+        "beside decoding streams, the --prefill-step budget); prefix: bench/prefix.py (the prefix "
+        "cache on vs off, beside llama-server's); all: the five",
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -192,6 +194,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             markdown=args.mixed_markdown, skipped=mixed_skipped,
         )  # fmt: skip
         print(mixed.report(mixed_results))
+    if args.scenario in ("prefix", "all"):
+        import prefix
+
+        prefix_argv = ["--model", args.model, "--threads", str(args.threads), "--reps", str(args.reps)]
+        if args.llama_server:
+            prefix_argv += ["--llama-server", args.llama_server]
+        if args.no_build:
+            prefix_argv.append("--no-build")
+        prefix.main(prefix_argv)
     return 0
 
 

@@ -11,6 +11,8 @@
 
 #include "common.h"
 #include "grammar_guard.h"
+#include "json-schema-to-grammar.h"
+#include "json.h"
 #include "log_bridge.h"
 #include "sampling.h"
 #include "text_stream.h"
@@ -196,20 +198,30 @@ void Engine::close() {
 }
 
 common_sampler * Engine::make_sampler(const SamplingParams & p) const {
+    const std::string chain_issue = chain_problem(p.sampler_chain, 16);
+    if (!chain_issue.empty()) throw std::invalid_argument("sampler_chain" + chain_issue);
+    const std::vector<SamplerStage> stages = expand_stages(p);
+    if (p.sampler_chain.empty()) {
+        const std::string problem = chain_problem(stages, 64);
+        if (!problem.empty()) throw std::invalid_argument("samplers" + problem);
+    }
+    const uint32_t seed = p.has_seed ? p.seed : params_.seed;
+
+    // llama.cpp's common sampler keeps what it does best: the grammar (lazy, triggers,
+    // rejection fast path), logit bias and the model's suppressed tokens. Its own chain
+    // is built empty (bias, then dist) and the typed stages replace the dist below.
     common_params_sampling sp;
-    sp.seed = p.has_seed ? p.seed : params_.seed;
-    sp.temp = p.temperature;
-    sp.top_k = p.top_k;
-    sp.top_p = p.top_p;
-    sp.min_p = p.min_p;
-    sp.typ_p = p.typical_p;
-    sp.penalty_repeat = p.repeat_penalty;
-    sp.penalty_present = p.presence_penalty;
-    sp.penalty_freq = p.frequency_penalty;
-    sp.penalty_last_n = p.penalty_last_n < 0 ? n_ctx_seq_ : p.penalty_last_n;
+    sp.seed = seed;
     sp.no_perf = true;
+    sp.samplers.clear();
+    sp.mirostat = 0;
     for (const auto & [token, bias] : p.logit_bias) {
         sp.logit_bias.push_back({token, bias});
+    }
+    if (p.ignore_eos) {
+        for (llama_token t = 0; t < n_vocab_; ++t) {
+            if (llama_vocab_is_eog(vocab_, t)) sp.logit_bias.push_back({t, -INFINITY});
+        }
     }
     if (!p.grammar.empty()) {
         sp.grammar = common_grammar(static_cast<common_grammar_type>(p.grammar_type), p.grammar);
@@ -233,20 +245,6 @@ common_sampler * Engine::make_sampler(const SamplingParams & p) const {
             sp.grammar_triggers.push_back(std::move(trigger));
         }
     }
-    const bool penalised = p.repeat_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
-    if (!p.samplers.empty()) {
-        sp.samplers = common_sampler_types_from_names(p.samplers);
-        if (sp.samplers.size() != p.samplers.size()) {
-            throw std::invalid_argument("samplers: unknown sampler name");
-        }
-    } else if (p.temperature <= 0.0f) {
-        // Greedy: top-1 is the argmax; skipping the rest of the default chain keeps
-        // per-token sampling cost negligible next to the decode.
-        sp.samplers.clear();
-        if (penalised) sp.samplers.push_back(COMMON_SAMPLER_TYPE_PENALTIES);
-        sp.samplers.push_back(COMMON_SAMPLER_TYPE_TOP_K);
-        sp.top_k = 1;
-    }
 
     clear_last_log_error();
     common_sampler * smpl = nullptr;
@@ -265,6 +263,15 @@ common_sampler * Engine::make_sampler(const SamplingParams & p) const {
             throw InvalidGrammarError(detail.empty() ? "failed to parse grammar" : detail);
         }
         throw std::invalid_argument("cannot build the sampler chain" + (detail.empty() ? "" : ": " + detail));
+    }
+    try {
+        llama_sampler * chain = common_sampler_get(smpl);
+        llama_sampler_free(llama_sampler_chain_remove(chain, llama_sampler_chain_n(chain) - 1));
+        if (p.min_tokens > 0 && !p.ignore_eos) llama_sampler_chain_add(chain, init_eog_ban(vocab_, p.min_tokens));
+        append_stages(chain, stages, vocab_, seed, n_ctx_seq_);
+    } catch (...) {
+        common_sampler_free(smpl);
+        throw;
     }
     if (!p.grammar.empty() && params_.max_sample_ms > 0) {
         try {
@@ -348,6 +355,7 @@ ChatPrompt Engine::apply_chat(const ChatInputs & inputs) const {
 std::shared_ptr<Request> Engine::submit_chat(const ChatInputs & inputs, SamplingParams params) {
     ensure_open();
     if (!params.grammar.empty()) throw std::invalid_argument("grammar: not with chat (use response_format)");
+    if (!params.json_schema.empty()) throw std::invalid_argument("json_schema: not with chat (use response_format)");
     const ChatPrompt chat = chat_templates_->apply(inputs);
     // Special tokens come as text: parse them. BOS as the vocabulary asks, like llama.cpp's
     // server: rendering drops a BOS the template wrote when the tokenizer adds one.
@@ -365,8 +373,17 @@ std::shared_ptr<Request> Engine::submit_chat(const ChatInputs & inputs, Sampling
     return submit(std::move(prompt), params, std::make_unique<ChatStream>(chat));
 }
 
-std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const SamplingParams & params,
+std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, SamplingParams params,
                                         std::unique_ptr<ChatStream> chat) {
+    if (!params.json_schema.empty()) {
+        // Converted here, on the caller's thread, by llama.cpp's own converter; the
+        // grammar it yields is then bounded like any other.
+        if (!params.grammar.empty()) throw std::invalid_argument("json_schema: cannot be combined with grammar");
+        const std::string problem = json_schema_problem(params.json_schema);
+        if (!problem.empty()) throw std::invalid_argument("json_schema: " + problem);
+        params.grammar = json_schema_to_grammar(common_json::parse(params.json_schema), true);
+        params.grammar_field = "json_schema";
+    }
     validate(prompt, params);
     {
         std::lock_guard<std::mutex> lock(mu_);
@@ -740,10 +757,12 @@ void Engine::sample_slot(Slot & slot) {
         guarded_failures_total_++;
         // A chat grammar comes from the template: only logit_bias can empty it.
         const bool grammar = !req.params.grammar.empty() && !req.chat;
-        finish(slot, StopReason::CANCELLED, "",
-               grammar ? "no token is allowed: the grammar and logit_bias together exclude every token"
-                       : "no token is allowed: logit_bias (or the sampler chain) excludes every token",
-               grammar ? req.params.grammar_field : "logit_bias");
+        // ignore_eos / min_tokens ban end-of-generation: a grammar may allow nothing else.
+        const bool eog_banned = req.params.ignore_eos || static_cast<int32_t>(slot.generated.size()) < req.params.min_tokens;
+        std::string why = grammar ? "no token is allowed: the grammar and logit_bias together exclude every token"
+                                  : "no token is allowed: logit_bias (or the sampler chain) excludes every token";
+        if (eog_banned) why += " (end-of-generation is banned by ignore_eos or min_tokens)";
+        finish(slot, StopReason::CANCELLED, "", why, grammar ? req.params.grammar_field : "logit_bias");
         return;
     }
     common_sampler_accept(req.sampler, id, true);
@@ -761,7 +780,8 @@ void Engine::sample_slot(Slot & slot) {
         slot.all_logprobs.push_back(lp);
         slot.chunk_logprobs.push_back(std::move(lp));
     }
-    TextStream::Step step = slot.text->push(common_token_to_piece(vocab_, id, true));
+    const bool match_stops = static_cast<int32_t>(slot.generated.size()) >= req.params.min_tokens;
+    TextStream::Step step = slot.text->push(common_token_to_piece(vocab_, id, true), match_stops);
     if (step.stopped) {
         emit(slot, step.emit);
         finish(slot, StopReason::STOP_SEQUENCE, step.stop_sequence);

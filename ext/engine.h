@@ -108,7 +108,7 @@ public:
     Engine & operator=(const Engine &) = delete;
 
     // Thread-safe. Throws InvalidGrammarError, QueueFullError, EngineClosedError, std::invalid_argument.
-    std::shared_ptr<Request> submit(std::vector<llama_token> prompt, const SamplingParams & params,
+    std::shared_ptr<Request> submit(std::vector<llama_token> prompt, SamplingParams params,
                                     std::unique_ptr<ChatStream> chat = nullptr);
 
     // Chat: render the messages with the model's template, then submit like `submit`; the

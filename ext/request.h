@@ -15,6 +15,7 @@
 
 #include "chat_bridge.h"
 #include "llama.h"
+#include "sampler_chain.h"
 
 struct common_sampler;
 
@@ -41,6 +42,28 @@ struct SamplingParams {
     std::string grammar;
     std::vector<std::string> samplers;  // empty: llama.cpp common's default order
     bool cache_prompt = true;           // reuse a cached prefix of the prompt (if the engine caches)
+    // The rest of llama.cpp common's sampling parameters, same names and meanings as
+    // CompletionOptions (whose defaults are the ones that count: Python always sets them).
+    int32_t min_keep = 0;
+    float top_n_sigma = -1.0f;
+    float xtc_probability = 0.0f;
+    float xtc_threshold = 0.1f;
+    float dry_multiplier = 0.0f;
+    float dry_base = 1.75f;
+    int32_t dry_allowed_length = 2;
+    int32_t dry_penalty_last_n = 64;
+    std::vector<std::string> dry_sequence_breakers;  // empty: common's defaults
+    int32_t mirostat = 0;
+    float mirostat_tau = 5.0f;
+    float mirostat_eta = 0.1f;
+    float dynatemp_range = 0.0f;
+    float dynatemp_exponent = 1.0f;
+    float adaptive_target = -1.0f;
+    float adaptive_decay = 0.9f;
+    bool ignore_eos = false;
+    int32_t min_tokens = 0;       // end-of-generation and stop sequences wait for this many tokens
+    std::string json_schema;      // converted to a grammar at submit; not with `grammar`
+    std::vector<SamplerStage> sampler_chain;  // explicit typed chain; wins over the flat fields
 
     // Set by chat (from the template), never by callers: how the grammar applies.
     int32_t grammar_type = 1;  // common_grammar_type; 1: the caller's own GBNF
@@ -50,6 +73,13 @@ struct SamplingParams {
     std::string generation_prompt;  // what the prompt ends with, fed to a chat grammar first
     std::string grammar_field = "grammar";  // the request field an error about the grammar names
 };
+
+// Names the `samplers` shorthand accepts, in llama.cpp common's default order.
+const std::vector<std::string> & sampler_names();
+
+// The stages a request samples with: its `sampler_chain`, else its flat options expanded
+// as llama.cpp's common sampler does (greedy when temperature <= 0). Ends in a selector.
+std::vector<SamplerStage> expand_stages(const SamplingParams & params);
 
 struct TopLogprob {
     int32_t token_id = 0;

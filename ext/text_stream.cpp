@@ -65,12 +65,18 @@ TextStream::TextStream(std::vector<std::string> stop_sequences) : stops_(std::mo
     stops_.erase(std::remove(stops_.begin(), stops_.end(), std::string()), stops_.end());
 }
 
-TextStream::Step TextStream::push(const std::string & piece) {
+TextStream::Step TextStream::push(const std::string & piece, bool match_stops) {
     Step step;
     partial_ += piece;
     const size_t complete = utf8_complete_prefix(partial_);
     pending_ += utf8_sanitize(partial_.substr(0, complete));
     partial_.erase(0, complete);
+    if (!match_stops) {
+        // Before min_tokens: no stop sequence can end here, so nothing is held back.
+        step.emit = std::move(pending_);
+        pending_.clear();
+        return step;
+    }
 
     // Earliest full match wins; on a tie at one position, the longer stop sequence.
     size_t best_pos = std::string::npos;

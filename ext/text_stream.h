@@ -19,8 +19,10 @@ public:
     };
 
     // Append a token's bytes. Text that may still become a stop sequence, or that
-    // ends in an incomplete UTF-8 character, is held back until decided.
-    Step push(const std::string & piece);
+    // ends in an incomplete UTF-8 character, is held back until decided. With
+    // `match_stops` false (before min_tokens) stop sequences are not looked for: they
+    // match only in text pushed with it true.
+    Step push(const std::string & piece, bool match_stops = true);
 
     // Generation ended for another reason: release whatever is held back. A trailing
     // incomplete UTF-8 character becomes U+FFFD so the output is always valid UTF-8.

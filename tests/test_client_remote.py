@@ -182,6 +182,19 @@ def test_cli_json_lines(server_address: str, capsys: pytest.CaptureFixture[str])
     assert len(final["logprobs"]) == len(final["token_ids"]) == final["usage"]["completion_tokens"]
 
 
+def test_cli_has_a_flag_for_every_sampler_option(server_address: str, llama: Llama, capsys: pytest.CaptureFixture[str]) -> None:
+    options = CompletionOptions(
+        8, temperature=1.0, seed=3, mirostat=2, mirostat_tau=3.0, dry_multiplier=1.0, dry_sequence_breakers=("\n", "."),
+        ignore_eos=True, min_tokens=2, samplers=None,
+    )  # fmt: skip
+    expected = llama.create_completion(PROMPT, options).text
+    argv = ["complete", PROMPT, "--server", server_address, "-n", "8", "--temperature", "1.0", "--seed", "3",
+            "--mirostat", "2", "--mirostat-tau", "3.0", "--dry-multiplier", "1.0", "--dry-sequence-breaker", "\n",
+            "--dry-sequence-breaker", ".", "--ignore-eos", "--min-tokens", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected.rstrip("\n")
+
+
 def test_cli_reports_bad_options(server_address: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["complete", PROMPT, "--server", server_address, "--top-p", "2"]) == 1
     err = capsys.readouterr().err

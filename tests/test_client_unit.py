@@ -3,6 +3,7 @@ request validation, channel settings and the delivered-completion helper."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any, Optional
@@ -37,6 +38,7 @@ from llama_crab_client.types import (
     Usage,
     completion_from_delivered,
 )
+from llama_crab_client.sampling import AdaptiveP, Dist, Dry, Greedy, Mirostat, SamplerChain, SamplerStage, TopK
 from llama_crab_client.v1 import llama_crab_pb2 as pb
 
 # Values exactly representable as float32, so a round trip through the proto is exact.
@@ -57,6 +59,38 @@ FULL_OPTIONS = CompletionOptions(
     logit_bias={5: -math.inf, 17: 2.5},
     grammar='root ::= "yes" | "no"',
     samplers=("top_k", "temperature"),
+    cache_prompt=False,
+    min_keep=3,
+    top_n_sigma=1.5,
+    xtc_probability=0.5,
+    xtc_threshold=0.25,
+    dry_multiplier=0.75,
+    dry_base=2.0,
+    dry_allowed_length=3,
+    dry_penalty_last_n=-1,
+    dry_sequence_breakers=("\n", "::"),
+    mirostat=2,
+    mirostat_tau=4.5,
+    mirostat_eta=0.125,
+    dynatemp_range=0.5,
+    dynatemp_exponent=1.5,
+    adaptive_target=0.25,
+    adaptive_decay=0.5,
+    ignore_eos=True,
+    min_tokens=4,
+    json_schema='{"type": "object"}',
+    sampler_chain=SamplerChain()
+    .penalties(32, 1.25, 0.5, -0.5)
+    .dry(0.5, 2.0, 3, -1, ("x",))
+    .top_k(5)
+    .typical(0.5, 1)
+    .top_p(0.75, 2)
+    .min_p(0.125, 3)
+    .xtc(0.25, 0.5, 1)
+    .top_n_sigma(2.5)
+    .temp(0.5)
+    .dynamic_temp(0.75, 0.25, 2.0)
+    .mirostat_v2(3.5, 0.25),
 )
 
 LOGPROBS = (
@@ -70,6 +104,19 @@ LOGPROBS = (
 def test_options_round_trip(options: CompletionOptions) -> None:
     wire = pb.CompletionOptions.FromString(convert.options_to_proto(options).SerializeToString())
     assert convert.options_from_proto(wire) == options
+
+
+def test_full_options_set_every_field() -> None:
+    """So the round trip above covers each option, including ones added later."""
+    defaults = CompletionOptions()
+    unset = [f.name for f in dataclasses.fields(CompletionOptions) if getattr(FULL_OPTIONS, f.name) == getattr(defaults, f.name)]
+    assert unset == []
+
+
+@pytest.mark.parametrize("stage", [Greedy(), Dist(), Mirostat(4.5, 0.25, 50), AdaptiveP(0.25, 0.5), Dry(), TopK()])
+def test_every_stage_round_trips(stage: SamplerStage) -> None:
+    wire = pb.SamplerStage.FromString(convert.stage_to_proto(stage).SerializeToString())
+    assert convert.stage_from_proto(wire) == stage
 
 
 def test_unset_proto_options_mean_the_shared_defaults() -> None:

@@ -19,6 +19,7 @@ from helpers import LoopThread
 from llama_crab import Llama
 from llama_crab_client import AsyncClient, Client
 from llama_crab_client.errors import InvalidArgumentError, LlamaCrabError
+from llama_crab_client.sampling import SamplerChain, TopK, TopP
 from llama_crab_client.types import (
     Chunk,
     Completion,
@@ -274,6 +275,29 @@ def test_no_logprobs_unless_asked(backend: Backend) -> None:
     assert completion.logprobs is None
 
 
+# Every sampler option travels: with a fixed seed each transport gives the in-process output.
+SAMPLING = [
+    CompletionOptions(24, temperature=1.0, seed=3, mirostat=2, mirostat_tau=3.0, mirostat_eta=0.2),
+    CompletionOptions(24, temperature=0.8, seed=3, dry_multiplier=1.5, dry_penalty_last_n=-1, dry_sequence_breakers=("\n", ".")),
+    CompletionOptions(24, temperature=1.0, seed=3, xtc_probability=0.7, xtc_threshold=0.05, min_keep=2, top_n_sigma=2.0),
+    CompletionOptions(24, temperature=1.0, seed=3, dynatemp_range=0.5, dynatemp_exponent=1.5, adaptive_target=0.4),
+    CompletionOptions(24, seed=3, sampler_chain=SamplerChain().penalties(32, 1.2, 0.1, 0.1).dry(1.0).top_k(20).typical(0.9)
+                      .top_p(0.9).min_p(0.01).xtc(0.5, 0.1).top_n_sigma(3.0).dynamic_temp(0.9, 0.2, 1.0).dist()),
+    CompletionOptions(24, seed=3, sampler_chain=SamplerChain().temp(1.0).mirostat(4.0, 0.1, 50)),
+    CompletionOptions(24, seed=3, sampler_chain=SamplerChain().min_p(0.05).adaptive_p(0.5, 0.8)),
+    CompletionOptions(24, min_tokens=6, stop_sequences=(" ",), ignore_eos=True),
+    CompletionOptions(48, json_schema='{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", SAMPLING, ids=[f"sampling-{i}" for i in range(len(SAMPLING))])
+def test_sampler_options_give_the_same_output_everywhere(backend: Backend, llama: Llama, options: CompletionOptions) -> None:
+    expected = llama.create_completion(PROMPT, options)
+    got = backend.create_completion(PROMPT, options)
+    assert got.token_ids == expected.token_ids
+    assert got.stop_reason == expected.stop_reason
+
+
 # ---- errors -------------------------------------------------------------------------------
 BAD_REQUESTS: list[tuple[str, Prompt, CompletionOptions]] = [
     ("max_tokens", PROMPT, CompletionOptions(max_tokens=0)),
@@ -283,6 +307,9 @@ BAD_REQUESTS: list[tuple[str, Prompt, CompletionOptions]] = [
     ("logit_bias", PROMPT, CompletionOptions(logit_bias={10**8: 1.0})),
     ("stop_sequences[0]", PROMPT, CompletionOptions(stop_sequences=("",))),
     ("samplers", PROMPT, CompletionOptions(samplers=("no_such_sampler",))),
+    ("json_schema", PROMPT, CompletionOptions(json_schema="{oops")),
+    ("mirostat", PROMPT, CompletionOptions(mirostat=7)),
+    ("sampler_chain[1].p", PROMPT, CompletionOptions(sampler_chain=SamplerChain((TopK(5), TopP(2.0))))),
     ("prompt", "", CompletionOptions(4)),
     ("prompt", [10**8], CompletionOptions(4)),
 ]
@@ -313,6 +340,11 @@ def test_server_validates_what_the_client_does_not(remote_client: Client, llama:
         ("max_tokens", pb.CompletionOptions(max_tokens=0)),
         ("top_p", pb.CompletionOptions(top_p=2.0)),
         ("stop_sequences[0]", pb.CompletionOptions(stop_sequences=[""])),
+        ("dry_base", pb.CompletionOptions(dry_base=0.5)),
+        ("sampler_chain[0]", pb.CompletionOptions(sampler_chain=[pb.SamplerStage()])),
+        ("sampler_chain[0].k", pb.CompletionOptions(sampler_chain=[pb.SamplerStage(top_k=pb.TopKStage(k=-3))])),
+        ("sampler_chain[0]", pb.CompletionOptions(sampler_chain=[pb.SamplerStage(greedy=pb.GreedyStage()), pb.SamplerStage(dist=pb.DistStage())])),
+        ("json_schema", pb.CompletionOptions(json_schema='{"type": "object"}', grammar='root ::= "x"')),
     ]
     with grpc.insecure_channel(remote_client.settings.target) as channel:
         stub = pb_grpc.LlamaCrabServiceStub(channel)

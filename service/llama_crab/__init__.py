@@ -41,6 +41,7 @@ from llama_crab_client.types import (
     Usage,
 )
 
+from llama_crab_client.sampling import SamplerChain, SamplerStage
 from llama_crab_client.session import Session
 
 from .llama import ChatCompletionStream, CompletionHandle, CompletionStream, EngineMetrics, Llama
@@ -68,6 +69,8 @@ __all__ = [
     "ModelInfo",
     "ResourceExhaustedError",
     "ResponseFormat",
+    "SamplerChain",
+    "SamplerStage",
     "Session",
     "StopReason",
     "StreamControl",

@@ -53,6 +53,7 @@ from . import _engine
 from .chat_events import ChatEvents, native_chat_inputs
 from .logs import install_llama_log_bridge
 from .params import LlamaParams
+from .sampling_params import sampling_params
 from .session_file import SessionFile, model_identity, read_session_file, write_session_file
 
 __all__ = ["ChatCompletionStream", "CompletionHandle", "CompletionStream", "EngineMetrics", "Event", "Llama"]
@@ -487,25 +488,9 @@ class Llama:
         convert: Callable[[_engine.Event], Event],
         grammar_field: str = "grammar",
     ) -> CompletionHandle:
-        sp = _engine.SamplingParams()
-        sp.max_tokens = options.max_tokens
-        sp.stop_sequences = list(options.stop_sequences)
-        sp.logprobs = -1 if options.logprobs is None else options.logprobs
-        sp.temperature = options.temperature
-        sp.top_k = options.top_k
-        sp.top_p = options.top_p
-        sp.min_p = options.min_p
-        sp.typical_p = options.typical_p
-        sp.repeat_penalty = options.repeat_penalty
-        sp.presence_penalty = options.presence_penalty
-        sp.frequency_penalty = options.frequency_penalty
-        sp.penalty_last_n = options.penalty_last_n
-        sp.has_seed = options.seed is not None
-        sp.seed = options.seed or 0
-        sp.logit_bias = [(int(k), float(v)) for k, v in options.logit_bias.items()]
-        sp.grammar = options.grammar or ""
-        sp.samplers = list(options.samplers) if options.samplers is not None else []
-        sp.cache_prompt = options.cache_prompt
+        sp = sampling_params(options)
+        if options.json_schema is not None:
+            grammar_field = "json_schema"
         try:
             return CompletionHandle(submit(sp), convert)
         except _engine.InvalidGrammarError as e:

@@ -98,6 +98,28 @@ test('invalid options fail with INVALID_ARGUMENT naming the field', { skip }, as
   }
 });
 
+test('typed sampler chains and JSON schemas travel as plain objects', { skip }, async () => {
+  const c = client();
+  try {
+    // A chain that keeps one token is greedy, whatever the seed.
+    const greedy = await c.complete('The capital of France is', { max_tokens: 8 });
+    const chain = [{ top_k: { k: 1 } }, { temp: { t: 1.5 } }, { dist: {} }];
+    for (const seed of [1, 2]) {
+      const done = await c.complete('The capital of France is', { max_tokens: 8, seed, sampler_chain: chain });
+      assert.deepEqual(done.token_ids, greedy.token_ids);
+    }
+    const schema = { type: 'object', properties: { n: { type: 'integer' } }, required: ['n'], additionalProperties: false };
+    const json = await c.complete('A number as JSON: ', { max_tokens: 24, json_schema: JSON.stringify(schema) });
+    assert.equal(typeof JSON.parse(json.text).n, 'number');
+    await assert.rejects(
+      c.complete('Hello', { max_tokens: 4, sampler_chain: [{ top_p: { p: 3 } }] }),
+      (err) => err.field === 'sampler_chain[0].p',
+    );
+  } finally {
+    c.close();
+  }
+});
+
 const HELLO = [
   { role: 'system', content: 'You are a helpful assistant.' },
   { role: 'user', content: 'Say hello in one short sentence.' },

@@ -36,6 +36,7 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from .sampling import SamplerChain, SamplerStage
 from .types import (
     Chunk,
     Completion,
@@ -108,6 +109,8 @@ __all__ = [
     "PermissionDeniedError",
     "RemoteCompletionStream",
     "ResponseFormat",
+    "SamplerChain",
+    "SamplerStage",
     "ResourceExhaustedError",
     "Session",
     "StopReason",

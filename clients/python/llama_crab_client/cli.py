@@ -18,7 +18,14 @@ from typing import Any, Callable, Optional, TextIO
 
 from .client import Client
 from .errors import LlamaCrabError
-from .types import Chunk, Completion, CompletionOptions
+from .types import SAMPLER_NAMES, Chunk, Completion, CompletionOptions
+
+# Options with a flag written by hand above (or none: maps and chains are API-only).
+_HAND_WRITTEN = {
+    "max_tokens", "stop_sequences", "logprobs", "seed", "grammar", "json_schema", "logit_bias",
+    "samplers", "sampler_chain", "dry_sequence_breakers",
+}  # fmt: skip
+_FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(CompletionOptions) if f.name not in _HAND_WRITTEN)
 
 __all__ = ["add_complete_parser", "add_connection_arguments", "client_from_args", "main", "run_complete"]
 
@@ -89,13 +96,19 @@ def _add_complete_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-tokens", type=int, default=d.max_tokens, help=f"[{d.max_tokens}]")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop sequence (repeatable)")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy [0]")
-    g.add_argument("--top-k", type=int, default=d.top_k, help=f"[{d.top_k}]")
-    g.add_argument("--top-p", type=float, default=d.top_p, help=f"[{d.top_p}]")
-    g.add_argument("--min-p", type=float, default=d.min_p, help=f"[{d.min_p}]")
-    g.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help=f"[{d.repeat_penalty}]")
     g.add_argument("--seed", type=int, default=None, help="sampling seed [random]")
     g.add_argument("--grammar-file", metavar="GBNF", help="constrain the output with a GBNF grammar file")
+    g.add_argument("--json-schema-file", metavar="JSON", help="constrain the output to a JSON schema file")
+    g.add_argument("--samplers", metavar="A,B,...", help=f"sampler order by name: {', '.join(sorted(SAMPLER_NAMES))}")
+    g.add_argument("--dry-sequence-breaker", action="append", default=[], metavar="TEXT", help="DRY breaker (repeatable)")
+    # Every other scalar option gets a flag of its own name: --top-k, --mirostat, --ignore-eos ...
+    for name in _FLAG_FIELDS:
+        default = getattr(d, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"[{default}]")
+        else:
+            g.add_argument(flag, type=type(default), default=None, metavar="N", help=f"[{default}]")
     g.add_argument("--logprobs", type=int, default=None, metavar="N", help="logprobs with N alternatives (--json)")
     g.add_argument("--json", action="store_true", help="print JSON lines: each chunk, then the completion")
     add_connection_arguments(p)
@@ -114,21 +127,24 @@ def add_complete_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> CompletionOptions:
-    grammar = None
+    grammar = json_schema = None
     if args.grammar_file:
         with open(args.grammar_file, encoding="utf-8") as f:
             grammar = f.read()
+    if args.json_schema_file:
+        with open(args.json_schema_file, encoding="utf-8") as f:
+            json_schema = f.read()
+    flags = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name) is not None}
     return CompletionOptions(
         max_tokens=args.max_tokens,
         stop_sequences=tuple(args.stop),
         logprobs=args.logprobs,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
         seed=args.seed,
         grammar=grammar,
+        json_schema=json_schema,
+        samplers=tuple(n.strip() for n in args.samplers.split(",")) if args.samplers else None,
+        dry_sequence_breakers=tuple(args.dry_sequence_breaker),
+        **flags,
     )
 
 

@@ -24,6 +24,7 @@ from .chat import (
     ToolChoice,
 )
 from .errors import InvalidArgumentError
+from .sampling import STAGE_TYPES, SamplerChain, SamplerStage
 from .types import (
     Chunk,
     Completion,
@@ -56,6 +57,8 @@ __all__ = [
     "model_info_to_proto",
     "options_from_proto",
     "options_to_proto",
+    "stage_from_proto",
+    "stage_to_proto",
     "tokenize_request_from_proto",
     "tokenize_request_to_proto",
     "tokenize_response_to_proto",
@@ -75,53 +78,67 @@ _STOP_FROM_PROTO = {v: k for k, v in _STOP_TO_PROTO.items()}
 
 
 # ---- options ----------------------------------------------------------------------------
+# CompletionOptions' fields and the message's have the same names: scalars travel by name
+# (unset = the dataclass default), so a new option needs no line here. Only the fields
+# below have another wire form.
+_REPEATED = ("stop_sequences", "samplers", "dry_sequence_breakers")
+_OTHER = ("logit_bias", "sampler_chain", *_REPEATED)
+_SCALARS = tuple(f.name for f in dataclasses.fields(CompletionOptions) if f.name not in _OTHER)
+
+
+def stage_to_proto(stage: SamplerStage) -> pb.SamplerStage:
+    msg = pb.SamplerStage()
+    sub = getattr(msg, stage.kind)
+    sub.SetInParent()
+    for name, value in stage.params().items():
+        if isinstance(value, tuple):
+            getattr(sub, name).extend(value)
+        else:
+            setattr(sub, name, value)
+    return msg
+
+
+def stage_from_proto(m: pb.SamplerStage) -> Optional[SamplerStage]:
+    """The typed stage, or None for a message with no stage set (a violation downstream)."""
+    kind = m.WhichOneof("stage")
+    if kind is None:
+        return None
+    sub = getattr(m, kind)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(STAGE_TYPES[kind]):
+        if isinstance(f.default, tuple):
+            if len(getattr(sub, f.name)):
+                values[f.name] = tuple(getattr(sub, f.name))
+        elif sub.HasField(f.name):
+            values[f.name] = getattr(sub, f.name)
+    return STAGE_TYPES[kind](**values)
+
+
 def options_to_proto(o: CompletionOptions) -> pb.CompletionOptions:
-    msg = pb.CompletionOptions(
-        max_tokens=o.max_tokens,
-        stop_sequences=list(o.stop_sequences),
-        temperature=o.temperature,
-        top_k=o.top_k,
-        top_p=o.top_p,
-        min_p=o.min_p,
-        typical_p=o.typical_p,
-        repeat_penalty=o.repeat_penalty,
-        presence_penalty=o.presence_penalty,
-        frequency_penalty=o.frequency_penalty,
-        penalty_last_n=o.penalty_last_n,
-        logit_bias={int(k): float(v) for k, v in o.logit_bias.items()},
-        samplers=list(o.samplers or ()),
-    )
-    if o.logprobs is not None:
-        msg.logprobs = o.logprobs
-    if o.seed is not None:
-        msg.seed = o.seed
-    if o.grammar is not None:
-        msg.grammar = o.grammar
-    if not o.cache_prompt:
-        msg.cache_prompt = False
+    msg = pb.CompletionOptions(logit_bias={int(k): float(v) for k, v in o.logit_bias.items()})
+    for name in _REPEATED:
+        getattr(msg, name).extend(getattr(o, name) or ())
+    if o.sampler_chain is not None:
+        msg.sampler_chain.extend(stage_to_proto(s) for s in o.sampler_chain.stages)
+    for name in _SCALARS:
+        value = getattr(o, name)
+        if value is not None and value != getattr(_DEFAULTS, name):
+            setattr(msg, name, value)
     return msg
 
 
 def options_from_proto(m: pb.CompletionOptions) -> CompletionOptions:
-    d = _DEFAULTS
+    message: Any = m  # fields by name: HasField's typed literals do not cover a loop
+    values: dict[str, Any] = {name: getattr(m, name) for name in _SCALARS if message.HasField(name)}
+    # An empty stage stays None in the chain, which its validation then names.
+    stages: tuple[Any, ...] = tuple(stage_from_proto(s) for s in m.sampler_chain)
     return CompletionOptions(
-        max_tokens=m.max_tokens if m.HasField("max_tokens") else d.max_tokens,
         stop_sequences=tuple(m.stop_sequences),
-        logprobs=m.logprobs if m.HasField("logprobs") else None,
-        temperature=m.temperature if m.HasField("temperature") else d.temperature,
-        top_k=m.top_k if m.HasField("top_k") else d.top_k,
-        top_p=m.top_p if m.HasField("top_p") else d.top_p,
-        min_p=m.min_p if m.HasField("min_p") else d.min_p,
-        typical_p=m.typical_p if m.HasField("typical_p") else d.typical_p,
-        repeat_penalty=m.repeat_penalty if m.HasField("repeat_penalty") else d.repeat_penalty,
-        presence_penalty=m.presence_penalty if m.HasField("presence_penalty") else d.presence_penalty,
-        frequency_penalty=m.frequency_penalty if m.HasField("frequency_penalty") else d.frequency_penalty,
-        penalty_last_n=m.penalty_last_n if m.HasField("penalty_last_n") else d.penalty_last_n,
-        seed=m.seed if m.HasField("seed") else None,
         logit_bias=dict(m.logit_bias),
-        grammar=m.grammar if m.HasField("grammar") else None,
         samplers=tuple(m.samplers) if m.samplers else None,
-        cache_prompt=m.cache_prompt if m.HasField("cache_prompt") else d.cache_prompt,
+        dry_sequence_breakers=tuple(m.dry_sequence_breakers),
+        sampler_chain=SamplerChain(stages) if stages else None,
+        **values,
     )
 
 

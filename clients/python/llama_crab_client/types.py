@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
+
+from .sampling import MAX_MIN_KEEP, ChainLike, Custom, SamplerChain, as_chain, sequence_breaker_problems
 
 __all__ = [
     "Chunk",
@@ -62,6 +65,7 @@ SAMPLER_NAMES: frozenset[str] = frozenset(
         "min_p",
         "xtc",
         "temperature",
+        "adaptive_p",
     }
 )
 
@@ -76,6 +80,7 @@ class Limits:
     stop_sequence_chars: int = 256
     logit_bias: int = 1024
     samplers: int = 16
+    json_schema_bytes: int = 64 * 1024
     prompt_text_bytes: int = 4 * 1024 * 1024
     prompt_tokens: int = 1 << 20
 
@@ -260,6 +265,40 @@ class CompletionOptions:
     # Reuse the KV of a cached prefix of the prompt (the server's prefix cache); False
     # computes the whole prompt afresh. Never changes what is generated, only how fast.
     cache_prompt: bool = True
+    # ---- the rest of llama.cpp's samplers (common's names, defaults and meanings) --------
+    # At least this many candidates survive top_p / min_p / typical_p / xtc (0: no floor).
+    min_keep: int = 0
+    # Keep tokens within n standard deviations of the top logit; <= 0 disables.
+    top_n_sigma: float = -1.0
+    # XTC: with this probability, drop every token above the threshold but the least likely one.
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    # DRY repetition penalty: multiplier * base ** (repeat length - allowed_length); 0 disables.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    # How many recent tokens DRY scans (0 disables, -1 the whole context).
+    dry_penalty_last_n: int = 64
+    # Strings that end a repeat for DRY; empty means llama.cpp's defaults ("\n", ":", '"', "*").
+    dry_sequence_breakers: tuple[str, ...] = ()
+    # Mirostat: 0 off, 1 (v1) or 2 (v2); replaces the chain with temperature + mirostat.
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    # Dynamic temperature: entropy-scaled in [temperature - range, temperature + range].
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    # Adaptive-p: pick tokens near this probability over time (negative disables), EMA decay.
+    adaptive_target: float = -1.0
+    adaptive_decay: float = 0.9
+    # Never end at an end-of-generation token (generate until max_tokens or a stop sequence).
+    ignore_eos: bool = False
+    # End-of-generation tokens and stop sequences wait until this many tokens are generated.
+    min_tokens: int = 0
+    # A JSON schema (JSON text) the output must follow, converted to a grammar by llama.cpp.
+    json_schema: Optional[str] = None
+    # An explicit typed chain (see `SamplerChain`); wins over `samplers` and the flat fields above.
+    sampler_chain: Optional[SamplerChain] = None
 
     def __post_init__(self) -> None:
         # Accept lists and other sequences but store tuples so options stay hashable-ish and immutable.
@@ -271,6 +310,10 @@ class CompletionOptions:
             object.__setattr__(self, "samplers", tuple(self.samplers))
         if not isinstance(self.logit_bias, dict):
             object.__setattr__(self, "logit_bias", dict(self.logit_bias))
+        if not isinstance(self.dry_sequence_breakers, (tuple, str)):
+            object.__setattr__(self, "dry_sequence_breakers", tuple(self.dry_sequence_breakers))
+        if self.sampler_chain is not None and not isinstance(self.sampler_chain, SamplerChain):
+            object.__setattr__(self, "sampler_chain", as_chain(self.sampler_chain))
 
     # ---- builders -------------------------------------------------------------------
     def _with(self, **changes: Any) -> CompletionOptions:
@@ -332,6 +375,53 @@ class CompletionOptions:
     def with_cache_prompt(self, cache_prompt: bool) -> CompletionOptions:
         return self._with(cache_prompt=cache_prompt)
 
+    def with_min_keep(self, min_keep: int) -> CompletionOptions:
+        return self._with(min_keep=min_keep)
+
+    def with_top_n_sigma(self, n: float) -> CompletionOptions:
+        return self._with(top_n_sigma=n)
+
+    def with_xtc(self, probability: float, threshold: float = 0.1) -> CompletionOptions:
+        return self._with(xtc_probability=probability, xtc_threshold=threshold)
+
+    def with_dry(
+        self,
+        multiplier: float,
+        base: float = 1.75,
+        allowed_length: int = 2,
+        penalty_last_n: int = 64,
+        sequence_breakers: Sequence[str] = (),
+    ) -> CompletionOptions:
+        return self._with(
+            dry_multiplier=multiplier,
+            dry_base=base,
+            dry_allowed_length=allowed_length,
+            dry_penalty_last_n=penalty_last_n,
+            dry_sequence_breakers=tuple(sequence_breakers),
+        )
+
+    def with_mirostat(self, mode: int, tau: float = 5.0, eta: float = 0.1) -> CompletionOptions:
+        return self._with(mirostat=mode, mirostat_tau=tau, mirostat_eta=eta)
+
+    def with_dynamic_temperature(self, range: float, exponent: float = 1.0) -> CompletionOptions:
+        return self._with(dynatemp_range=range, dynatemp_exponent=exponent)
+
+    def with_adaptive_p(self, target: float, decay: float = 0.9) -> CompletionOptions:
+        return self._with(adaptive_target=target, adaptive_decay=decay)
+
+    def with_ignore_eos(self, ignore_eos: bool = True) -> CompletionOptions:
+        return self._with(ignore_eos=ignore_eos)
+
+    def with_min_tokens(self, min_tokens: int) -> CompletionOptions:
+        return self._with(min_tokens=min_tokens)
+
+    def with_json_schema(self, schema: Union[str, Mapping[str, Any]]) -> CompletionOptions:
+        """Constrain the output to a JSON schema (a mapping, or its JSON text)."""
+        return self._with(json_schema=schema if isinstance(schema, str) else json.dumps(schema))
+
+    def with_sampler_chain(self, chain: ChainLike) -> CompletionOptions:
+        return self._with(sampler_chain=as_chain(chain))
+
     # ---- validation -----------------------------------------------------------------
     def violations(self, n_vocab: Optional[int] = None) -> list[FieldViolation]:
         """Every invalid field, checked without a model (grammar syntax is checked by the engine)."""
@@ -384,6 +474,49 @@ class CompletionOptions:
             bad("grammar", "must be a non-empty GBNF grammar")
         if not isinstance(self.cache_prompt, bool):
             bad("cache_prompt", "must be True or False")
+        if not _is_int(self.min_keep) or not 0 <= self.min_keep <= MAX_MIN_KEEP:
+            bad("min_keep", f"must be an integer in [0, {MAX_MIN_KEEP}]")
+        check_float("top_n_sigma", -1.0, 100.0)
+        check_float("xtc_probability", 0.0, 1.0)
+        check_float("xtc_threshold", 0.0, 1.0)
+        check_float("dry_multiplier", 0.0, 100.0)
+        check_float("dry_base", 1.0, 100.0)
+        if not _is_int(self.dry_allowed_length) or not 0 <= self.dry_allowed_length <= 1000:
+            bad("dry_allowed_length", "must be an integer in [0, 1000]")
+        if not _is_int(self.dry_penalty_last_n) or not -1 <= self.dry_penalty_last_n <= 1 << 20:
+            bad("dry_penalty_last_n", "must be an integer in [-1, 1048576]")
+        out.extend(FieldViolation(f, why) for f, why in sequence_breaker_problems("dry_sequence_breakers", self.dry_sequence_breakers))
+        if not _is_int(self.mirostat) or self.mirostat not in (0, 1, 2):
+            bad("mirostat", "must be 0 (off), 1 or 2")
+        check_float("mirostat_tau", 0.0, 100.0)
+        check_float("mirostat_eta", 0.0, 10.0)
+        check_float("dynatemp_range", 0.0, 100.0)
+        check_float("dynatemp_exponent", 0.0, 100.0)
+        check_float("adaptive_target", -1.0, 1.0)
+        check_float("adaptive_decay", 0.0, 0.99)
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "must be True or False")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= 1 << 20:
+            bad("min_tokens", "must be an integer in [0, 1048576]")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, str) or not self.json_schema.strip():
+                bad("json_schema", "must be a JSON schema (JSON text)")
+            elif len(self.json_schema.encode()) > LIMITS.json_schema_bytes:
+                bad("json_schema", f"at most {LIMITS.json_schema_bytes} bytes")
+            elif self.grammar is not None:
+                bad("json_schema", "cannot be combined with grammar")
+        if self.sampler_chain is not None:
+            if not isinstance(self.sampler_chain, SamplerChain):
+                bad("sampler_chain", "must be a SamplerChain")
+            else:
+                if self.samplers is not None:
+                    bad("sampler_chain", "cannot be combined with samplers (the name list)")
+                if len(self.sampler_chain) == 0:
+                    bad("sampler_chain", "must have at least one stage (or be None)")
+                out.extend(FieldViolation(f, why) for f, why in self.sampler_chain.problems("sampler_chain"))
+                for i, stage in enumerate(self.sampler_chain.stages):
+                    if isinstance(stage, Custom):
+                        bad(f"sampler_chain[{i}]", "a custom (Python) stage runs only in llama_crab.lowlevel.Sampler")
         if self.samplers is not None:
             if len(self.samplers) == 0:
                 bad("samplers", "must name at least one sampler (or be None for the default chain)")
