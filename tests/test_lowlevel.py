@@ -319,6 +319,13 @@ def test_sampler_chains(model: Model, ctx: Context) -> None:
     assert Sampler(model, [TopK(1)]).sample(ctx) == greedy
     seeded = [Sampler(model, SamplerChain().top_k(40).temp(1.5), seed=7).sample(ctx) for _ in range(3)]
     assert len(set(seeded)) == 1
+    every_stage = (
+        SamplerChain().penalties(last_n=-1, repeat=1.1).dry(sequence_breakers=["\n", "."]).top_k(50).top_p(0.9)
+        .min_p(0.05).typical(0.95).xtc(0.5, 0.1).top_n_sigma(2.0).dynamic_temp(0.8, 0.2).temp(0.9)
+    )
+    for selector in (SamplerChain().dist(), SamplerChain().mirostat(), SamplerChain().mirostat_v2(), SamplerChain().adaptive_p()):
+        chain = SamplerChain(every_stage.stages + selector.stages)
+        assert 0 <= Sampler(model, chain, seed=3, n_ctx=512).sample(ctx) < model.n_vocab
     s = Sampler(model, SamplerChain().penalties(last_n=64, repeat=1.3).greedy())
     s.accept(greedy)
     s.reset()
