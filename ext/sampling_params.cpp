@@ -37,17 +37,10 @@ bool add_named(std::vector<SamplerStage> & out, const std::string & name, const 
     } else if (name == "top_k") {
         s = stage("top_k");
         s.k = p.top_k;
-    } else if (name == "typical_p") {
-        s = stage("typical");
-        s.p = p.typical_p;
-        s.min_keep = p.min_keep;
-    } else if (name == "top_p") {
-        s = stage("top_p");
-        s.p = p.top_p;
-        s.min_keep = p.min_keep;
-    } else if (name == "min_p") {
-        s = stage("min_p");
-        s.p = p.min_p;
+    } else if (name == "typical_p" || name == "top_p" || name == "min_p") {
+        // The truncations by probability mass: one `p` each, and the shared min_keep.
+        s = stage(name == "typical_p" ? "typical" : name.c_str());
+        s.p = name == "typical_p" ? p.typical_p : name == "top_p" ? p.top_p : p.min_p;
         s.min_keep = p.min_keep;
     } else if (name == "xtc") {
         s = stage("xtc");

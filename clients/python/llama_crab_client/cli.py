@@ -12,7 +12,9 @@ import dataclasses
 import enum
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, TextIO
 
@@ -172,8 +174,7 @@ def run_complete(
         try:
             stream = client.stream(prompt, options, request_id=args.request_id)
             for chunk in stream:
-                out.write(event_json(chunk) + "\n" if args.json else chunk.text)
-                out.flush()
+                _write_whole(out, event_json(chunk) + "\n" if args.json else chunk.text)
             completion = stream.completion
         except KeyboardInterrupt:
             completion = stream.close() if stream is not None else None
@@ -199,6 +200,21 @@ def run_complete(
             out.write("\n")
         out.flush()
     return 0
+
+
+def _write_whole(out: TextIO, text: str) -> None:
+    """Write and flush with Ctrl-C held off until done: an interrupted write would leave a
+    half line, which a reader of --json lines cannot parse."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        out.write(text)
+        out.flush()
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        out.write(text)
+        out.flush()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _silence_stdout() -> None:
