@@ -33,7 +33,8 @@ CRD_KINDS = {"ServiceMonitor"}
 # The server cancels streams still running after --grace and gives them this long to send
 # their final Completion (service/llama_crab/server/app.py, _CANCEL_SETTLE_S).
 CANCEL_SETTLE_S = 5
-# Peak RSS of the gRPC service, 8 streams, 4096-token context (docs/performance.md).
+# Peak RSS of the gRPC service, 8 streams, 4096-token context (docs/performance.md when
+# deploy/k8s/deployment.yaml was sized; the comment there cites it).
 BENCH_PEAK_RSS_MB = 269
 
 
@@ -280,10 +281,14 @@ def test_deployment_resources_follow_the_benchmark() -> None:
     assert int(env()["LLAMA_CRAB_THREADS"]) == int(requests["cpu"]), "one thread per requested core"
     memory_mib = int(requests["memory"].removesuffix("Mi"))
     cache_mib = int(env()["LLAMA_CRAB_CACHE_RAM"])
-    assert memory_mib * 1024 * 1024 >= BENCH_PEAK_RSS_MB * 1e6 + cache_mib * 1024 * 1024
     assert "cpu" not in c["resources"]["limits"]
     assert f"{BENCH_PEAK_RSS_MB} MB" in Path(K8S / "deployment.yaml").read_text()
-    assert f"| {BENCH_PEAK_RSS_MB} |" in (ROOT / "docs" / "performance.md").read_text()
+    # The request covers the service's peak RSS as docs/performance.md measures it now
+    # (bench/run.py rewrites it), plus the RAM cache the pod is allowed to fill.
+    table = (ROOT / "docs" / "performance.md").read_text()
+    rss = [float(m) for m in re.findall(r"^\| gRPC service, \d+ streams? \|.*\| ([\d.]+) \|$", table, re.M)]
+    assert rss, "no gRPC service rows with a peak RSS in docs/performance.md"
+    assert memory_mib * 1024 * 1024 >= max(rss) * 1e6 + cache_mib * 1024 * 1024, (memory_mib, max(rss))
 
 
 def test_deployment_env_names_are_serve_options() -> None:
