@@ -11,7 +11,8 @@ about a minute on 2 cores. What it shows:
   `round_robin` over the three addresses (no proxy);
 - SIGTERM mid-load: every stream the replica had ends with its final `Completion`, new
   calls land on the others, no client sees an error (nginx: the replica leaves the
-  upstream first, as Kubernetes' preStop does; see the xfail below for the case without);
+  upstream first, as Kubernetes' preStop does); and while a replica drains still in the
+  balancer, its refusals of new calls (trailers-only UNAVAILABLE) are retried elsewhere;
 - SIGKILL mid-load: only the killed replica's in-flight streams fail, and the client's
   retry lands elsewhere;
 - `x-session-id`: the turns of one session hit one replica, whose prefix cache serves them
@@ -448,7 +449,7 @@ def test_sigterm_mid_load_with_client_round_robin(cluster: Cluster) -> None:
             s.wait()
         assert victim.proc.wait(timeout=90) == 0
         # Gone: the client's round_robin skips it; nothing fails. (New calls *while* it drains:
-        # see the xfail below.)
+        # the test of section 4.)
         new_calls = [complete(client, SHORT) for _ in range(6)]
     assert all(s.finished for s in streams), [(s.error, s.completion) for s in streams]
     assert sum(cluster.served_by(s.request_id) is victim for s in streams) == in_flight
@@ -489,13 +490,6 @@ def test_sigkill_mid_load_fails_only_its_streams_and_a_retry_succeeds(cluster: C
 
 
 # ---- 4. draining without the preStop step ---------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="the servicer sends its initial metadata (x-request-id) before it refuses a new call while "
-    "draining, so the UNAVAILABLE arrives after response headers: gRPC then counts the call as committed and "
-    "the client's retry policy cannot retry it elsewhere. Refusing before send_initial_metadata (a "
-    "trailers-only UNAVAILABLE) makes this pass; until then take the replica out of the balancer first",
-)
 @pytest.mark.parametrize("via", ["nginx", "round_robin"])
 def test_new_calls_while_a_replica_drains_are_retried_elsewhere(cluster: Cluster, via: str) -> None:
     target = cluster.target(via)

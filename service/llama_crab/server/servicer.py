@@ -106,8 +106,13 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         return self._llama
 
     @contextlib.asynccontextmanager
-    async def _observe(self, method: str, context: Context) -> AsyncIterator[_Call]:
-        """Request id in and out, one status code per call, one log line, one metric."""
+    async def _observe(self, method: str, context: Context, refuse_while_draining: bool = False) -> AsyncIterator[_Call]:
+        """Request id in and out, one status code per call, one log line, one metric.
+
+        `refuse_while_draining`: a new stream on a draining server is refused before any
+        header goes out, so its UNAVAILABLE is trailers-only, which gRPC clients and
+        proxies (the Python client's retry policy, Envoy's retry_on) may retry elsewhere;
+        after headers a call counts as committed and is never retried."""
         given = None
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_KEY:
@@ -115,6 +120,8 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         call = _Call(method, new_request_id(given), context.peer())
         token = request_id_var.set(call.request_id)
         try:
+            if refuse_while_draining:
+                self._ready_llama(allow_draining=False)
             await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
             yield call
         except LlamaCrabError as e:
@@ -149,14 +156,14 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
     # Writes with `context.write` instead of yielding (the stub's declared shape): a
     # cancelled call then raises right here, so the finally below always runs at once.
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> None:  # type: ignore[override]
-        async with self._observe("Complete", context) as call:
+        async with self._observe("Complete", context, refuse_while_draining=True) as call:
             llama = self._ready_llama(allow_draining=False)
             prompt, options = convert.complete_request_from_proto(request)
             handle = await _in_worker(llama.submit, prompt, options)
             await self._stream(call, handle, COMPLETE, context)
 
     async def Chat(self, request: pb.ChatRequest, context: Context) -> None:  # type: ignore[override]
-        async with self._observe("Chat", context) as call:
+        async with self._observe("Chat", context, refuse_while_draining=True) as call:
             llama = self._ready_llama(allow_draining=False)
             chat, options = convert.chat_request_from_proto(request)
             handle = await _in_worker(llama.submit_chat, chat, options)
