@@ -409,6 +409,21 @@ def test_streams_spread_over_all_three_replicas(cluster: Cluster, via: str) -> N
         assert all(s.upstream == cluster.served_by(s.request_id).address for s in streams)
 
 
+def test_calls_that_delivered_everything_count_as_ok_through_nginx(cluster: Cluster) -> None:
+    # The client reads each call's status after the final Completion. Dropping the call
+    # there (grpc then cancels it) made replicas behind nginx count some finished calls as
+    # CANCELLED, which skews llama_crab_requests_total, the metric deploy.md sizes with.
+    with Client(cluster.nginx.address) as client:
+        for _ in range(24):
+            complete(client, SHORT)
+
+    def total(code: str) -> float:
+        return sum(r.metric("llama_crab_requests_total", method="Complete", code=code) for r in cluster.replicas)
+
+    assert wait_until(lambda: total("OK") == 24, timeout=10), (total("OK"), total("CANCELLED"))
+    assert total("CANCELLED") == 0
+
+
 # ---- 2. SIGTERM mid-load -------------------------------------------------------------------------
 def test_sigterm_mid_load_through_nginx(cluster: Cluster) -> None:
     nginx = cluster.nginx

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Union
 import grpc
 
 from . import convert
+from .call_end import end_call_async
 from .calls import Prompt, StreamClock, chat_call, complete_call, detokenize_request, tokenize_request
 from .chat import ChatCompletion, ChatMessage, ChatRequest, ResponseFormat, Tool
 from .chat_stream import AsyncChatCallback, AsyncRemoteChatStream, run_async_chat_stream
@@ -84,6 +85,7 @@ class AsyncRemoteCompletionStream:
         if isinstance(event, Completion):
             self._finished = True
             self.completion = event
+            await end_call_async(self._call)
             raise StopAsyncIteration
         self._clock.chunk()
         self._delivered.append(event)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Union
 import grpc
 
 from . import convert
+from .call_end import end_call, end_call_async
 from .chat import ChatChunk, ChatCompletion, ChatCompletionCallback, chat_completion_from_delivered
 from .callbacks import run_async_stream, run_stream
 from .calls import StreamClock
@@ -97,7 +98,10 @@ class RemoteChatStream:
             message = None
         except grpc.RpcError as e:
             raise self._state.failed(e) from None
-        return self._state.receive(message)
+        chunk = self._state.receive(message)
+        if self._state.completion is not None:
+            end_call(self._call)
+        return chunk
 
     def close(self) -> ChatCompletion:
         """Stop now (if not finished) and return the ChatCompletion of what was delivered."""
@@ -144,7 +148,10 @@ class AsyncRemoteChatStream:
             message = await self._call.read()
         except grpc.RpcError as e:
             raise self._state.failed(e) from None
-        return self._state.receive(None if message is grpc.aio.EOF else message)
+        chunk = self._state.receive(None if message is grpc.aio.EOF else message)
+        if self._state.completion is not None:
+            await end_call_async(self._call)
+        return chunk
 
     async def close(self) -> ChatCompletion:
         """Stop now (if not finished) and return the ChatCompletion of what was delivered."""

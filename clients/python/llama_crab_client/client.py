@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import grpc
 
 from . import convert
+from .call_end import end_call
 from .calls import Prompt, StreamClock, chat_call, complete_call, detokenize_request, tokenize_request
 from .chat import ChatCompletion, ChatCompletionCallback, ChatMessage, ChatRequest, ResponseFormat, Tool
 from .chat_stream import RemoteChatStream, run_chat_stream
@@ -81,6 +82,7 @@ class RemoteCompletionStream:
         if isinstance(event, Completion):
             self._finished = True
             self.completion = event
+            end_call(self._call)
             raise StopIteration
         self._clock.chunk()
         self._delivered.append(event)
