@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -28,7 +29,8 @@ from llama_crab import (
     StopReason,
 )
 from llama_crab.server.testing import TestServer, start_test_server
-from llama_crab_client import convert
+from llama_crab_client import convert, sampling
+from llama_crab_client.sampling import SamplerChain, SamplerStage
 from llama_crab_client.errors import MAX_VIOLATIONS, bounded_violations
 from llama_crab_client.status import to_status
 from llama_crab_client.types import LIMITS, FieldViolation
@@ -160,6 +162,58 @@ def test_extreme_sampler_chains_with_most_tokens_banned(llama: Llama, options: C
             completion = llama.create_completion(PROMPT, dataclasses.replace(options, logit_bias=bias))
         except InvalidArgumentError as e:
             assert e.field in ("logit_bias", "samplers")
+        else:
+            assert completion.usage.completion_tokens <= options.max_tokens
+            assert not set(completion.token_ids) & set(bias)
+    serves_normally(llama)
+
+
+def _random_stage(rng: random.Random) -> SamplerStage:
+    """A valid stage with parameters at the edges of their documented ranges."""
+
+    def edge(lo: float, hi: float) -> float:
+        return rng.choice([lo, hi, rng.uniform(lo, hi)])
+
+    makers: list[Callable[[], SamplerStage]] = [
+        lambda: sampling.TopK(rng.choice([0, 1, 2, 1 << 20])),
+        lambda: sampling.TopP(edge(0, 1), rng.choice([0, 1, 1024])),
+        lambda: sampling.MinP(edge(0, 1), rng.choice([0, 5])),
+        lambda: sampling.Typical(max(1e-6, edge(0, 1)), rng.choice([0, 3])),
+        lambda: sampling.Temp(edge(0, 100)),
+        lambda: sampling.DynamicTemp(edge(0, 100), edge(0, 100), edge(0, 100)),
+        lambda: sampling.Xtc(edge(0, 1), edge(0, 1), rng.choice([0, 1024])),
+        lambda: sampling.TopNSigma(max(1e-6, edge(0, 100))),
+        lambda: sampling.Penalties(rng.choice([-1, 0, 1, 64]), max(1e-3, edge(0, 10)), edge(-2, 2), edge(-2, 2)),
+        lambda: sampling.Dry(edge(0, 100), edge(1, 100), rng.choice([0, 1, 1000]), rng.choice([-1, 0, 5]), ("a", "\n")),
+        lambda: sampling.Greedy(),
+        lambda: sampling.Dist(),
+        lambda: sampling.Mirostat(edge(0, 100), edge(0, 10), rng.choice([1, 1000])),
+        lambda: sampling.MirostatV2(edge(0, 100), edge(0, 10)),
+        lambda: sampling.AdaptiveP(edge(0, 1), edge(0, 0.99)),
+    ]
+    return rng.choice(makers)()
+
+
+def test_random_typed_chains_at_their_edges_never_abort(llama: Llama) -> None:
+    # Valid chains (the fuzzer mostly sends invalid ones), parameters at their limits, with
+    # most of the vocabulary banned, a grammar, banned end-of-generation: every request ends
+    # in a Completion or INVALID_ARGUMENT, and the server then serves normally.
+    rng = random.Random(7)
+    n_vocab = llama.model_info().n_vocab
+    for _ in range(60):
+        stages = [_random_stage(rng) for _ in range(rng.randint(1, 5))]
+        selectors = [s for s in stages if s.selects]
+        chain = SamplerChain((*[s for s in stages if not s.selects], *selectors[-1:]))
+        bias = {t: -math.inf for t in rng.sample(range(n_vocab), LIMITS.logit_bias)} if rng.random() < 0.4 else {}
+        options = CompletionOptions(
+            rng.randint(1, 8), seed=rng.randrange(100), sampler_chain=chain, logit_bias=bias,
+            grammar=rng.choice([None, None, "root ::= [a-z]+", 'root ::= "zz"']), min_tokens=rng.choice([0, 0, 5]),
+            ignore_eos=rng.random() < 0.2, logprobs=rng.choice([None, 3]),
+        )  # fmt: skip
+        try:
+            completion = llama.create_completion(rng.choice([PROMPT, "1 2 3"]), options)
+        except InvalidArgumentError as e:
+            assert e.field in ("grammar", "logit_bias"), e
         else:
             assert completion.usage.completion_tokens <= options.max_tokens
             assert not set(completion.token_ids) & set(bias)
