@@ -452,16 +452,38 @@ bool Engine::caching(const Request & req) const {
 }
 
 Engine::Slot * Engine::pick_slot(const Request & req) {
-    // The free slot whose kept tokens share the longest prefix with the prompt; ties and
-    // no match: the least recently used, whose KV is the least likely to be wanted again.
+    // The free slot whose kept tokens share the longest prefix with the prompt. Ties (and
+    // no match): the one that keeps the busy slots closest together, then the least
+    // recently used, whose KV is the least likely to be wanted again. Closeness matters
+    // because llama.cpp's per-sequence KV views span every stream from the lowest busy
+    // sequence to the highest: 4 streams on slots {0,5,6,7} attend over 8 streams' worth.
+    // Measured at 4 streams on 8 slots: rounds alternated between ~150 and ~105 tok/s as
+    // plain LRU moved the set between {1,2,3,4} and {5,6,7,0}.
+    int lo = -1, hi = -1;
+    for (size_t i = 0; i < slots_.size(); ++i) {
+        if (!slots_[i].req) continue;
+        if (lo < 0) lo = static_cast<int>(i);
+        hi = static_cast<int>(i);
+    }
+    auto span_with = [&](size_t i) {
+        const int k = static_cast<int>(i);
+        return lo < 0 ? 1 : std::max(hi, k) - std::min(lo, k) + 1;
+    };
     Slot * best = nullptr;
     size_t best_prefix = 0;
-    for (auto & slot : slots_) {
+    int best_span = 0;
+    for (size_t i = 0; i < slots_.size(); ++i) {
+        Slot & slot = slots_[i];
         if (slot.req) continue;
         const size_t prefix = caching(req) ? common_prefix(slot.seq.tokens, req.prompt) : 0;
-        if (!best || prefix > best_prefix || (prefix == best_prefix && slot.seq.last_used < best->seq.last_used)) {
+        const int span = span_with(i);
+        const bool better = !best || prefix > best_prefix ||
+                            (prefix == best_prefix && (span < best_span ||
+                                                       (span == best_span && slot.seq.last_used < best->seq.last_used)));
+        if (better) {
             best = &slot;
             best_prefix = prefix;
+            best_span = span;
         }
     }
     return best;
