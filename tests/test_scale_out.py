@@ -529,6 +529,22 @@ def test_new_calls_while_a_replica_drains_are_retried_elsewhere(cluster: Cluster
 
 
 # ---- 5. x-session-id: one session, one replica, its prefix cache -----------------------------------
+def test_client_sessions_carry_their_id_and_stay_on_one_replica(cluster: Cluster) -> None:
+    # Client.session() sends its x-session-id on every call: through nginx each turn lands
+    # on the replica that served the last one, so its whole history comes from the cache.
+    with Client(cluster.nginx.address) as client:
+        for opening in ("The crab said hello to the sea.", "A lighthouse keeper counted the waves."):
+            session = client.session()
+            previous_prompt = 0
+            for turn in range(4):
+                done = session.create_completion(
+                    opening if turn == 0 else f"\nAnd then, part {turn}:", CompletionOptions(8, ignore_eos=True)
+                )
+                if turn:
+                    assert done.usage.cached_tokens >= previous_prompt, (turn, done.usage)
+                previous_prompt = done.usage.prompt_tokens
+
+
 def test_session_id_keeps_a_session_on_one_replica_and_its_cache(cluster: Cluster) -> None:
     address = cluster.nginx.address
     with Client(address) as client, channel(address) as ch:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Callable, Optional, Union
@@ -149,10 +150,11 @@ class AsyncClient(ClientBase):
         *,
         timeout: Optional[float] = None,
         request_id: Optional[str] = None,
+        session_id: Optional[str] = None,
     ) -> AsyncRemoteCompletionStream:
         """`async for chunk in client.stream(...)` (inside `async with` to cancel on leaving)."""
         call = complete_call(prompt, options)
-        rpc = self._stub.Complete(call.request, **self._call_kwargs(timeout, request_id))
+        rpc = self._stub.Complete(call.request, **self._call_kwargs(timeout, request_id, session_id))
         return AsyncRemoteCompletionStream(rpc, call.logprobs_requested, call.prompt_tokens)
 
     async def create_completion_stream(
@@ -163,13 +165,14 @@ class AsyncClient(ClientBase):
         *,
         timeout: Optional[float] = None,
         request_id: Optional[str] = None,
+        session_id: Optional[str] = None,
     ) -> Completion:
         """Stream chunks to `callback` (plain or async) and return the final Completion.
 
         STOP cancels the RPC and the Completion holds exactly the delivered chunks; an
         exception from the callback cancels and propagates.
         """
-        stream = self.stream(prompt, options, timeout=timeout, request_id=request_id)
+        stream = self.stream(prompt, options, timeout=timeout, request_id=request_id, session_id=session_id)
         result: Completion = await run_async_stream(stream, callback)
         return result
 
@@ -180,9 +183,10 @@ class AsyncClient(ClientBase):
         *,
         timeout: Optional[float] = None,
         request_id: Optional[str] = None,
+        session_id: Optional[str] = None,
     ) -> Completion:
         """Generate to the end and return the Completion."""
-        async with self.stream(prompt, options, timeout=timeout, request_id=request_id) as stream:
+        async with self.stream(prompt, options, timeout=timeout, request_id=request_id, session_id=session_id) as stream:
             async for _ in stream:
                 pass
             assert stream.completion is not None
@@ -270,10 +274,11 @@ class AsyncClient(ClientBase):
         compute only its new tokens."""
         return AsyncChatSession(self, system, tools, messages)
 
-    def session(self, tokens: Sequence[int] = ()) -> AsyncSession:
+    def session(self, tokens: Sequence[int] = (), session_id: Optional[str] = None) -> AsyncSession:
         """A token history continued across calls (`AsyncSession`); the server's prefix
-        cache makes each turn prefill only its new tokens. No server-side state is kept."""
-        return AsyncSession(self, tokens)
+        cache makes each turn prefill only its new tokens. No server-side state is kept.
+        Each call carries `x-session-id` (`session_id`, else a random one), as `Client.session`."""
+        return AsyncSession(_AsyncSessionCalls(self, session_id or uuid.uuid4().hex), tokens)
 
     async def detokenize(
         self, tokens: Sequence[int], *, timeout: Optional[float] = None, request_id: Optional[str] = None
@@ -292,3 +297,22 @@ class AsyncClient(ClientBase):
     async def model(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
         """Alias of `model_info()`."""
         return await self.model_info(timeout=timeout, request_id=request_id)
+
+
+class _AsyncSessionCalls:
+    """An `AsyncClient`'s calls that an `AsyncSession` makes, each with its `x-session-id`."""
+
+    def __init__(self, client: AsyncClient, session_id: str) -> None:
+        self.client = client
+        self.session_id = session_id
+
+    async def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return await self.client.tokenize(text, add_special, parse_special)
+
+    async def create_completion(self, prompt: Prompt, options: Optional[CompletionOptions] = None) -> Completion:
+        return await self.client.create_completion(prompt, options, session_id=self.session_id)
+
+    async def create_completion_stream(
+        self, prompt: Prompt, options: Optional[CompletionOptions], callback: AsyncCompletionCallback
+    ) -> Completion:
+        return await self.client.create_completion_stream(prompt, options, callback, session_id=self.session_id)

@@ -146,8 +146,8 @@ class ChannelSettings:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return opts + list(self.extra_options)
 
-    def metadata(self, request_id: Optional[str] = None) -> tuple[tuple[str, str], ...]:
-        return call_metadata(self.token, request_id)
+    def metadata(self, request_id: Optional[str] = None, session_id: Optional[str] = None) -> tuple[tuple[str, str], ...]:
+        return call_metadata(self.token, request_id, session_id)
 
     def sync_channel(self) -> grpc.Channel:
         # Streams are read by the thread that iterates them, not handed over from grpc's
@@ -166,13 +166,18 @@ class ChannelSettings:
         return grpc.aio.secure_channel(self.target, creds, options=self.options())
 
 
-def call_metadata(token: Optional[str], request_id: Optional[str]) -> tuple[tuple[str, str], ...]:
-    """Metadata of one call: the bearer token and the caller's request id (for server logs)."""
+def call_metadata(
+    token: Optional[str], request_id: Optional[str], session_id: Optional[str] = None
+) -> tuple[tuple[str, str], ...]:
+    """Metadata of one call: the bearer token, the caller's request id (for server logs)
+    and a session id (`x-session-id`: a balancer's affinity key, deploy/nginx)."""
     md: list[tuple[str, str]] = []
     if token is not None:
         md.append(("authorization", f"Bearer {token}"))
     if request_id is not None:
         md.append(("x-request-id", request_id))
+    if session_id is not None:
+        md.append(("x-session-id", session_id))
     return tuple(md)
 
 
@@ -236,8 +241,10 @@ class ClientBase:
         kwargs: dict[str, Any] = {"token": os.environ.get("LLAMA_CRAB_TOKEN") or None, **overrides}
         return cls(os.environ.get("LLAMA_CRAB_SERVER", "localhost:50051"), **kwargs)
 
-    def _call_kwargs(self, timeout: Optional[float], request_id: Optional[str]) -> dict[str, Any]:
+    def _call_kwargs(
+        self, timeout: Optional[float], request_id: Optional[str], session_id: Optional[str] = None
+    ) -> dict[str, Any]:
         return {
             "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self.settings.metadata(request_id),
+            "metadata": self.settings.metadata(request_id, session_id),
         }

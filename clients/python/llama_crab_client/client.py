@@ -11,6 +11,7 @@ CANCELLED, as in process.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Optional, Union
@@ -146,10 +147,11 @@ class Client(ClientBase):
         *,
         timeout: Optional[float] = None,
         request_id: Optional[str] = None,
+        session_id: Optional[str] = None,
     ) -> RemoteCompletionStream:
         """Iterate chunks: `for chunk in client.stream(...)`; leaving the loop is STOP."""
         call = complete_call(prompt, options)
-        rpc = self._stub.Complete(call.request, **self._call_kwargs(timeout, request_id))
+        rpc = self._stub.Complete(call.request, **self._call_kwargs(timeout, request_id, session_id))
         return RemoteCompletionStream(rpc, call.logprobs_requested, call.prompt_tokens)
 
     def create_completion_stream(
@@ -160,6 +162,7 @@ class Client(ClientBase):
         *,
         timeout: Optional[float] = None,
         request_id: Optional[str] = None,
+        session_id: Optional[str] = None,
     ) -> Completion:
         """Stream chunks to `callback` and return the final Completion.
 
@@ -167,7 +170,8 @@ class Client(ClientBase):
         STOP the RPC is cancelled and the Completion holds exactly the delivered chunks
         (CANCELLED). An exception from the callback cancels the RPC and propagates.
         """
-        result: Completion = run_stream(self.stream(prompt, options, timeout=timeout, request_id=request_id), callback)
+        stream = self.stream(prompt, options, timeout=timeout, request_id=request_id, session_id=session_id)
+        result: Completion = run_stream(stream, callback)
         return result
 
     def create_completion(
@@ -177,9 +181,10 @@ class Client(ClientBase):
         *,
         timeout: Optional[float] = None,
         request_id: Optional[str] = None,
+        session_id: Optional[str] = None,
     ) -> Completion:
         """Generate to the end and return the Completion."""
-        with self.stream(prompt, options, timeout=timeout, request_id=request_id) as stream:
+        with self.stream(prompt, options, timeout=timeout, request_id=request_id, session_id=session_id) as stream:
             for _ in stream:
                 pass
             assert stream.completion is not None
@@ -280,11 +285,33 @@ class Client(ClientBase):
         compute only its new tokens."""
         return ChatSession(self, system, tools, messages)
 
-    def session(self, tokens: Sequence[int] = ()) -> Session:
+    def session(self, tokens: Sequence[int] = (), session_id: Optional[str] = None) -> Session:
         """A token history continued across calls (`Session`); the server's prefix cache
-        makes each turn prefill only its new tokens. No server-side state is kept."""
-        return Session(self, tokens)
+        makes each turn prefill only its new tokens. No server-side state is kept.
+
+        Each call carries `x-session-id` (`session_id`, else a random one): a balancer that
+        hashes on it (deploy/nginx) sends every turn to the replica whose cache holds it."""
+        return Session(_SessionCalls(self, session_id or uuid.uuid4().hex), tokens)
 
     def model(self, *, timeout: Optional[float] = None, request_id: Optional[str] = None) -> ModelInfo:
         """Alias of `model_info()`."""
         return self.model_info(timeout=timeout, request_id=request_id)
+
+
+class _SessionCalls:
+    """A `Client`'s calls that a `Session` makes, each with the session's `x-session-id`."""
+
+    def __init__(self, client: Client, session_id: str) -> None:
+        self.client = client
+        self.session_id = session_id
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.client.tokenize(text, add_special, parse_special)
+
+    def create_completion(self, prompt: Prompt, options: Optional[CompletionOptions] = None) -> Completion:
+        return self.client.create_completion(prompt, options, session_id=self.session_id)
+
+    def create_completion_stream(
+        self, prompt: Prompt, options: Optional[CompletionOptions], callback: CompletionCallback
+    ) -> Completion:
+        return self.client.create_completion_stream(prompt, options, callback, session_id=self.session_id)
