@@ -55,62 +55,6 @@ std::vector<uint8_t> from_bytes(const nb::bytes & b) {
     return std::vector<uint8_t>(p, p + b.size());
 }
 
-// One typed stage from its kind and parameters (the names of SamplerStage's fields).
-llama_crab::SamplerStage to_stage(const std::string & kind, const std::map<std::string, nb::object> & params) {
-    llama_crab::SamplerStage s;
-    s.kind = kind;
-    for (const auto & [name, value] : params) {
-        const std::string where = kind + "." + name + ": ";
-        auto num = [&](float & dst) {
-            double d = 0;
-            if (PyBool_Check(value.ptr()) || !nb::try_cast<double>(value, d, false)) {
-                throw std::invalid_argument(where + "must be a number");
-            }
-            dst = static_cast<float>(d);
-        };
-        auto integer = [&](int32_t & dst) {
-            int64_t i = 0;
-            if (PyBool_Check(value.ptr()) || !nb::try_cast<int64_t>(value, i, false)) {
-                throw std::invalid_argument(where + "must be an integer");
-            }
-            dst = in_range(name.c_str(), i, INT32_MIN, INT32_MAX);
-        };
-        if (name == "k") integer(s.k);
-        else if (name == "p") num(s.p);
-        else if (name == "min_keep") integer(s.min_keep);
-        else if (name == "t") num(s.t);
-        else if (name == "range") num(s.range);
-        else if (name == "exponent") num(s.exponent);
-        else if (name == "probability") num(s.probability);
-        else if (name == "threshold") num(s.threshold);
-        else if (name == "n") num(s.n);
-        else if (name == "tau") num(s.tau);
-        else if (name == "eta") num(s.eta);
-        else if (name == "m") integer(s.m);
-        else if (name == "last_n") integer(s.last_n);
-        else if (name == "repeat") num(s.repeat);
-        else if (name == "frequency") num(s.frequency);
-        else if (name == "presence") num(s.presence);
-        else if (name == "multiplier") num(s.multiplier);
-        else if (name == "base") num(s.base);
-        else if (name == "allowed_length") integer(s.allowed_length);
-        else if (name == "target") num(s.target);
-        else if (name == "decay") num(s.decay);
-        else if (name == "sequence_breakers") {
-            std::vector<std::string> breakers;
-            if (nb::isinstance<nb::str>(value) || !nb::try_cast(value, breakers, false)) {
-                throw std::invalid_argument(where + "must be a list of strings");
-            }
-            s.sequence_breakers = std::move(breakers);
-        } else {
-            throw std::invalid_argument(where + "unknown parameter");
-        }
-    }
-    const std::string problem = llama_crab::stage_problem(s);
-    if (!problem.empty()) throw std::invalid_argument(kind + "." + problem);
-    return s;
-}
-
 // The native Sampler plus the Python function of its custom stage, owned here (not inside
 // the C++ std::function) so the cyclic GC can see it: a function that refers, through its
 // globals or a closure, back to the sampler would otherwise be a leak.
@@ -471,23 +415,23 @@ void bind_lowlevel(nb::module_ & m) {
     // ---- Sampler --------------------------------------------------------------------------
     nb::class_<PySampler> sampler(
         ll_mod, "Sampler",
-        "A llama.cpp sampler chain from typed stages ((kind, params) pairs; llama_crab.lowlevel.Sampler builds "
-        "them from a SamplerChain), optionally ending in a Python function from logits to a token id.",
+        "A llama.cpp sampler chain from typed stages (SamplerStage; llama_crab.lowlevel.Sampler builds them "
+        "from a SamplerChain), optionally ending in a Python function from logits to a token id.",
         nb::type_slots(sampler_slots));
     sampler
         .def(
             "__init__",
-            [](PySampler * self, const ll::Model & model,
-               const std::vector<std::pair<std::string, std::map<std::string, nb::object>>> & stages, nb::object custom,
-               int64_t seed, int64_t n_ctx) {
-                std::vector<llama_crab::SamplerStage> typed;
+            [](PySampler * self, const ll::Model & model, const std::vector<llama_crab::SamplerStage> & stages,
+               nb::object custom, int64_t seed, int64_t n_ctx) {
+                // The engine's own stage type (filled by name from the typed stages, as a
+                // request's chain is); each is checked again here, for any caller.
                 for (size_t i = 0; i < stages.size(); ++i) {
-                    try {
-                        typed.push_back(to_stage(stages[i].first, stages[i].second));
-                    } catch (const std::invalid_argument & e) {
-                        throw std::invalid_argument("stages[" + std::to_string(i) + "]: " + e.what());
+                    const std::string problem = llama_crab::stage_problem(stages[i]);
+                    if (!problem.empty()) {
+                        throw std::invalid_argument("stages[" + std::to_string(i) + "]." + problem);
                     }
                 }
+                const auto & typed = stages;
                 if (!custom.is_none() && !PyCallable_Check(custom.ptr())) {
                     throw std::invalid_argument("custom: must be callable");
                 }

@@ -30,6 +30,7 @@ from llama_crab_client.chat import (
     Tool,
     chat_completion_from_delivered,
 )
+from llama_crab_client.callbacks import run_stream
 from llama_crab_client.chat_session import ChatSession
 from llama_crab_client.session import Session
 from llama_crab_client.types import (
@@ -41,7 +42,6 @@ from llama_crab_client.types import (
     FieldViolation,
     ModelInfo,
     StopReason,
-    StreamControl,
     Timings,
     TokenLogprob,
     TopLogprob,
@@ -321,18 +321,6 @@ class ChatCompletionStream(_Stream[ChatChunk, ChatCompletion]):
         return final.last_chunk()
 
 
-def _run_stream(stream: _Stream[C, F], callback: Callable[[C], Optional[StreamControl]]) -> F:
-    try:
-        for chunk in stream:
-            if callback(chunk) is StreamControl.STOP:
-                return stream.close()
-    except BaseException:
-        stream.close()
-        raise
-    assert stream.completion is not None
-    return stream.completion
-
-
 class Llama:
     """A loaded model serving completions from one context, `n_parallel` at a time."""
 
@@ -521,7 +509,8 @@ class Llama:
         text with stop reason CANCELLED. An exception from the callback cancels the
         request and propagates; the Llama stays usable.
         """
-        return _run_stream(self.stream(prompt, options), callback)
+        completion: Completion = run_stream(self.stream(prompt, options), callback)
+        return completion
 
     # ---- chat -----------------------------------------------------------------------
     def _chat_inputs(self, request: ChatRequest, add_generation_prompt: bool = True) -> _engine.ChatInputs:
@@ -592,7 +581,11 @@ class Llama:
         """Stream `ChatChunk`s to `callback` and return the `ChatCompletion`, with the
         semantics of `create_completion_stream`: after STOP the result's message holds
         exactly the delivered deltas, finish reason `cancelled`."""
-        return _run_stream(self.chat_stream(messages, options, tools, tool_choice, response_format), callback)
+        # The one STOP loop every stream shares, remote ones included.
+        completion: ChatCompletion = run_stream(
+            self.chat_stream(messages, options, tools, tool_choice, response_format), callback
+        )
+        return completion
 
     def create_chat_completion(
         self,

@@ -80,6 +80,7 @@ from ._engine.lowlevel import (
 )
 from ._engine.lowlevel import Sampler as _NativeSampler
 from .logs import install_llama_log_bridge
+from .sampling_params import engine_stage
 
 __all__ = [
     "AdaptiveP",
@@ -145,9 +146,7 @@ class Sampler:
             custom = last.fn
             stages.pop()
         self.chain: SamplerChain = resolved
-        self._native = _NativeSampler(
-            model, [(s.kind, s.params()) for s in stages], custom, seed=seed, n_ctx=n_ctx
-        )
+        self._native = _NativeSampler(model, [engine_stage(s) for s in stages], custom, seed=seed, n_ctx=n_ctx)
 
     @property
     def closed(self) -> bool:
