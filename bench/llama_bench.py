@@ -46,6 +46,8 @@ CMAKE_OPTIONS = (
     "-DLLAMA_CURL=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
     "-DCMAKE_POSITION_INDEPENDENT_CODE=ON",  # as the package build (ggml linked into a Python extension)
+    # The package build's compiler flags beyond ggml's own (AMX off: see the file).
+    f"-DCMAKE_PROJECT_INCLUDE={ROOT / 'cmake' / 'no_amx.cmake'}",
 )
 TARGETS = ("llama-bench", "llama-server", "llama-batched-bench")
 

@@ -341,6 +341,9 @@ NB_MODULE(_engine, m) {
         },
         "callable"_a, "min_level"_a,
         "Send llama.cpp log lines (level, text) to `callable` instead of stderr.");
+    m.def(
+        "system_info", [] { return std::string(llama_print_system_info()); },
+        "llama.cpp's build features per backend (`CPU : SSE3 = 1 | AVX = 1 | ...`).");
     m.def("set_log_min_level", &set_log_min_level, "min_level"_a);
     m.def("remove_log_handler", &remove_log_handler);
 

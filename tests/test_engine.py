@@ -88,6 +88,17 @@ def test_stop_sequence_split_across_chunks(llama: Llama) -> None:
     assert all(stop not in c.text for c in chunks)
 
 
+def test_build_leaves_out_ggml_amx_kernels() -> None:
+    # ggml's AMX matmul segfaults on the first decode on some Sapphire Rapids hosts
+    # (llama.cpp #20824); cmake/no_amx.cmake keeps it out even where -march=native has AMX.
+    # Only an AMX build machine can fail this; elsewhere AMX is absent anyway.
+    from llama_crab import _engine
+
+    info = _engine.system_info()
+    assert "CPU :" in info  # the real feature list, not an empty string
+    assert "AMX_INT8 = 1" not in info
+
+
 def test_text_stream_holds_back_split_utf8_and_stops() -> None:
     from llama_crab import _engine
 
