@@ -192,15 +192,18 @@ def _wait_for_event(
     raise AssertionError(f"no {msg!r} log line (exit status {proc.poll()}); got:\n{''.join(seen)}")
 
 
-def test_sigterm_drains_an_in_flight_stream_and_exits_0(model_path: str) -> None:
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_sigterm_drains_an_in_flight_stream_and_exits_0(model_path: str, event_loop: str) -> None:
     env = {**os.environ, "LLAMA_CRAB_LOG_FORMAT": "json"}  # the env twin of --log-format
     command = [sys.executable, "-m", "llama_crab.cli", "serve", "--model", model_path, "--port", "0"]
-    command += ["--n-ctx", "1024", "--parallel", "2", "--grace", "60"]
+    command += ["--n-ctx", "1024", "--parallel", "2", "--grace", "60", "--event-loop", event_loop]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         assert proc.stderr is not None
         lines = _lines(proc.stderr)
-        port = _wait_for_event(proc, lines, "listening")["port"]
+        listening = _wait_for_event(proc, lines, "listening")
+        assert listening["event_loop"] == event_loop  # uvloop is a dependency, so it is installed
+        port = listening["port"]
         _wait_for_event(proc, lines, "serving")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             running = start(pb_grpc.LlamaCrabServiceStub(channel), CompletionOptions(64), timeout=120)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Optional
 
 import grpc
@@ -146,6 +147,7 @@ class Service:
             mtls=config.tls_client_ca is not None,
             auth=token is not None,
             metrics_port=self.metrics_port or None,
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
         )
         if self._llama is not None:
             await self.attach(self._llama)
@@ -265,4 +267,16 @@ async def _serve(config: ServeConfig) -> int:
 def run_serve(config: ServeConfig) -> int:
     """`llama-crab serve`: run until SIGTERM/SIGINT has drained the server; the exit status."""
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(_serve(config))
+    return _run_loop(_serve(config), config.event_loop)
+
+
+def _run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    """`main` on uvloop's event loop for `uvloop` where it is installed, else on asyncio's."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log_event("uvloop is not installed; using asyncio's event loop", logging.INFO)
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

@@ -19,6 +19,7 @@ __all__ = ["ENV_PREFIX", "OPTIONS", "ServeConfig", "add_serve_parser", "config_f
 ENV_PREFIX = "LLAMA_CRAB_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class ServeConfig:
     metrics_port: int = 0
     metrics_host: Optional[str] = None
     reflection: bool = True
+    # uvloop when installed (the default install has it on Linux and macOS): the event loop
+    # wakes once per streamed token, and uvloop's wakeup costs ~16% less CPU than asyncio's,
+    # CPU that otherwise comes out of decoding on a small host (docs/performance.md, #14).
+    event_loop: str = "uvloop"
     log_level: str = "info"
     log_format: str = "text"
 
@@ -268,6 +273,13 @@ OPTIONS: tuple[Option, ...] = (
         "RPCs handled at once, beyond which new ones fail RESOURCE_EXHAUSTED (0 = no limit)",
     ),
     Option("reflection", _bool, "BOOL", "serve gRPC server reflection (true/false)"),
+    Option(
+        "event_loop",
+        str,
+        "LOOP",
+        "asyncio event loop: uvloop (falls back to asyncio where uvloop is not installed) or asyncio",
+        EVENT_LOOPS,
+    ),
     Option("log_level", str, "LEVEL", "log level", LOG_LEVELS),
     Option("log_format", str, "FORMAT", "log line format: text, or json (one object per line)", LOG_FORMATS),
 )
