@@ -118,14 +118,22 @@ def _shown_ratio(key: str, value: Optional[float]) -> str:
     if value is None:
         return "–"
     percent = TARGETS[key][2] if key in TARGETS else key in PERCENT
-    return f"{value:.0%}" if percent else f"{value:.2f}×"
+    shown = _ratio_text(value, percent, 0 if percent else 2)
+    if key in TARGETS and value != TARGETS[key][1] and shown == _ratio_text(TARGETS[key][1], percent, 0 if percent else 2):
+        # Rounded onto the target ("95% (missed)" for 94.6%): one more digit shows which side it is on.
+        shown = _ratio_text(value, percent, 1 if percent else 3)
+    return shown
+
+
+def _ratio_text(value: float, percent: bool, digits: int) -> str:
+    return f"{value:.{digits}%}" if percent else f"{value:.{digits}f}×"
 
 
 def _shown_target(key: str) -> str:
     if key not in TARGETS:
         return "–"
     direction, target, percent = TARGETS[key]
-    return ("≥ " if direction == ">=" else "≤ ") + (f"{target:.0%}" if percent else f"{target:.2f}×")
+    return ("≥ " if direction == ">=" else "≤ ") + _ratio_text(target, percent, 0 if percent else 2)
 
 
 def short_streams(results: dict[str, Any]) -> list[str]:
