@@ -118,14 +118,16 @@ def _shown_ratio(key: str, value: Optional[float]) -> str:
     if value is None:
         return "–"
     percent = TARGETS[key][2] if key in TARGETS else key in PERCENT
-    shown = _ratio_text(value, percent, 0 if percent else 2)
-    if key in TARGETS and value != TARGETS[key][1] and shown == _ratio_text(TARGETS[key][1], percent, 0 if percent else 2):
+    shown = _ratio_text(value, percent)
+    if key in TARGETS and value != TARGETS[key][1] and shown == _ratio_text(TARGETS[key][1], percent):
         # Rounded onto the target ("95% (missed)" for 94.6%): one more digit shows which side it is on.
-        shown = _ratio_text(value, percent, 1 if percent else 3)
+        shown = _ratio_text(value, percent, extra_digits=1)
     return shown
 
 
-def _ratio_text(value: float, percent: bool, digits: int) -> str:
+def _ratio_text(value: float, percent: bool, extra_digits: int = 0) -> str:
+    """A percentage with no decimals, or a ratio with two, plus `extra_digits`."""
+    digits = (0 if percent else 2) + extra_digits
     return f"{value:.{digits}%}" if percent else f"{value:.{digits}f}×"
 
 
@@ -133,7 +135,7 @@ def _shown_target(key: str) -> str:
     if key not in TARGETS:
         return "–"
     direction, target, percent = TARGETS[key]
-    return ("≥ " if direction == ">=" else "≤ ") + _ratio_text(target, percent, 0 if percent else 2)
+    return ("≥ " if direction == ">=" else "≤ ") + _ratio_text(target, percent)
 
 
 def short_streams(results: dict[str, Any]) -> list[str]:
