@@ -69,8 +69,47 @@ void Request::drain_pipe_locked() {
     signaled_ = false;
 }
 
+namespace {
+
+// Append a later chunk to an earlier one: one message for a consumer that fell behind
+// instead of one per step it missed. Text, tokens and logprobs concatenate; a chat
+// delta continues the previous one when it adds to the same text or tool call.
+void append_chunk(Event & into, Event && later) {
+    into.text += later.text;
+    into.token_ids.insert(into.token_ids.end(), later.token_ids.begin(), later.token_ids.end());
+    into.n_tokens = later.n_tokens;
+    if (into.logprobs && later.logprobs) {
+        into.logprobs->insert(into.logprobs->end(), std::make_move_iterator(later.logprobs->begin()),
+                              std::make_move_iterator(later.logprobs->end()));
+    }
+    for (auto & d : later.chat_deltas) {
+        ChatDelta * last = into.chat_deltas.empty() ? nullptr : &into.chat_deltas.back();
+        const bool same_text = last && last->tool_index < 0 && d.tool_index < 0;
+        const bool same_call = last && d.tool_index >= 0 && last->tool_index == d.tool_index && d.tool_id.empty() &&
+                               d.tool_name.empty();
+        if (same_text) {
+            last->content += d.content;
+            last->reasoning_content += d.reasoning_content;
+        } else if (same_call) {
+            last->tool_arguments += d.tool_arguments;
+        } else {
+            into.chat_deltas.push_back(std::move(d));
+        }
+    }
+}
+
+}  // namespace
+
 std::vector<Event> Request::take_locked() {
-    std::vector<Event> out(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
+    std::vector<Event> out;
+    out.reserve(events_.size());
+    for (auto & ev : events_) {
+        if (!ev.is_final && !out.empty() && !out.back().is_final) {
+            append_chunk(out.back(), std::move(ev));
+        } else {
+            out.push_back(std::move(ev));
+        }
+    }
     events_.clear();
     buffered_bytes_.store(0, std::memory_order_relaxed);
     drain_pipe_locked();
