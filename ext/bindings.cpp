@@ -51,6 +51,22 @@ NB_MODULE(_engine, m) {
         .value("STOP_SEQUENCE", StopReason::STOP_SEQUENCE)
         .value("CANCELLED", StopReason::CANCELLED);
 
+    nb::class_<SpeculativeParams>(m, "SpeculativeParams", "Speculative decoding: llama.cpp's draft types and their knobs.")
+        .def(nb::init<>())
+        .def_rw("types", &SpeculativeParams::types)
+        .def_rw("draft_model", &SpeculativeParams::draft_model)
+        .def_rw("draft_n_max", &SpeculativeParams::draft_n_max)
+        .def_rw("draft_n_min", &SpeculativeParams::draft_n_min)
+        .def_rw("draft_p_min", &SpeculativeParams::draft_p_min)
+        .def_rw("draft_n_gpu_layers", &SpeculativeParams::draft_n_gpu_layers)
+        .def_rw("ngram_size_n", &SpeculativeParams::ngram_size_n)
+        .def_rw("ngram_size_m", &SpeculativeParams::ngram_size_m)
+        .def_rw("ngram_min_hits", &SpeculativeParams::ngram_min_hits)
+        .def_rw("ngram_mod_n_match", &SpeculativeParams::ngram_mod_n_match)
+        .def_rw("ngram_mod_n_min", &SpeculativeParams::ngram_mod_n_min)
+        .def_rw("ngram_mod_n_max", &SpeculativeParams::ngram_mod_n_max);
+    m.def("speculative_type_names", &speculative_type_names, "llama.cpp's speculative type names, comma-separated.");
+
     nb::class_<EngineParams>(m, "EngineParams")
         .def(nb::init<>())
         .def_rw("model_path", &EngineParams::model_path)
@@ -75,7 +91,8 @@ NB_MODULE(_engine, m) {
         .def_rw("cache_ram_bytes", &EngineParams::cache_ram_bytes)
         .def_rw("chat_template", &EngineParams::chat_template)
         .def_rw("adaptive_threads", &EngineParams::adaptive_threads)
-        .def_rw("prefill_step_tokens", &EngineParams::prefill_step_tokens);
+        .def_rw("prefill_step_tokens", &EngineParams::prefill_step_tokens)
+        .def_rw("speculative", &EngineParams::speculative);
 
     nb::class_<SamplingParams>(m, "SamplingParams")
         .def(nb::init<>())
@@ -97,6 +114,7 @@ NB_MODULE(_engine, m) {
         .def_rw("grammar", &SamplingParams::grammar)
         .def_rw("samplers", &SamplingParams::samplers)
         .def_rw("cache_prompt", &SamplingParams::cache_prompt)
+        .def_rw("speculative", &SamplingParams::speculative)
         .def_rw("min_keep", &SamplingParams::min_keep)
         .def_rw("top_n_sigma", &SamplingParams::top_n_sigma)
         .def_rw("xtc_probability", &SamplingParams::xtc_probability)
@@ -228,6 +246,8 @@ NB_MODULE(_engine, m) {
         .def_ro("prompt_tps", &Event::prompt_tps)
         .def_ro("decode_tps", &Event::decode_tps)
         .def_ro("total_ms", &Event::total_ms)
+        .def_ro("draft_tokens", &Event::draft_tokens)
+        .def_ro("draft_accepted_tokens", &Event::draft_accepted_tokens)
         .def_ro("error", &Event::error)
         .def_ro("error_field", &Event::error_field)
         .def_ro("chat_deltas", &Event::chat_deltas)
@@ -274,6 +294,8 @@ NB_MODULE(_engine, m) {
         .def_ro("ram_cache_bytes", &Metrics::ram_cache_bytes)
         .def_ro("ram_cache_entries", &Metrics::ram_cache_entries)
         .def_ro("ram_cache_budget", &Metrics::ram_cache_budget)
+        .def_ro("draft_tokens_total", &Metrics::draft_tokens_total)
+        .def_ro("draft_accepted_tokens_total", &Metrics::draft_accepted_tokens_total)
         .def_ro("ram_cache_saves_total", &Metrics::ram_cache_saves_total)
         .def_ro("ram_cache_restores_total", &Metrics::ram_cache_restores_total)
         .def_ro("n_threads_active", &Metrics::n_threads_active);

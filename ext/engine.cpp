@@ -79,6 +79,10 @@ struct Engine::Slot {
     std::string chat_pending_text;      // chat: released text not yet in a chunk
     std::vector<int32_t> chunk_tokens;  // generated but not yet handed out in a chunk
     std::vector<TokenLogprob> chunk_logprobs, all_logprobs;
+    // Speculative decoding: the draft following next_token in the batch in flight (its
+    // rows are i_batch + 1 ...), and this request's drafted and accepted counts.
+    std::vector<llama_token> draft;
+    int32_t n_drafted = 0, n_draft_accepted = 0;
 
     // Forget the request; the sequence stays.
     void reset() {
@@ -97,6 +101,9 @@ struct Engine::Slot {
         chunk_tokens.clear();
         chunk_logprobs.clear();
         all_logprobs.clear();
+        draft.clear();
+        n_drafted = 0;
+        n_draft_accepted = 0;
     }
 };
 
@@ -156,6 +163,15 @@ Engine::Engine(const EngineParams & params)
                              (detail.empty() ? std::string() : " (" + detail + ")"));
     }
     n_ctx_seq_ = static_cast<int32_t>(llama_n_ctx_seq(ctx_));
+    try {
+        speculator_ = std::make_unique<Speculator>(params.speculative, static_cast<uint32_t>(params.n_parallel), ctx_);
+    } catch (...) {
+        llama_free(ctx_);
+        ctx_ = nullptr;
+        llama_model_free(model_);
+        model_ = nullptr;
+        throw;
+    }
     n_threads_active_ = params.n_threads;
     llama_set_abort_callback(ctx_, &Engine::abort_callback, this);
 
@@ -185,6 +201,7 @@ void Engine::close() {
         thread_.join();
     }
     chat_templates_.reset();
+    speculator_.reset();  // its draft context, before the target's
     if (ctx_) {
         llama_batch_free(batch_);
         llama_free(ctx_);
@@ -505,6 +522,7 @@ void Engine::save_to_ram(const Slot & slot) {
 
 bool Engine::restore_from_ram(Slot & slot, const std::vector<uint8_t> & state) {
     llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, -1, -1);
+    speculator_->truncate(slot.seq.id, 0);  // a draft model starts over on the restored tokens
     if (llama_state_seq_set_data(ctx_, state.data(), state.size(), slot.seq.id) == 0) {
         llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, -1, -1);
         slot.seq.tokens.clear();
@@ -546,6 +564,8 @@ void Engine::prepare(Slot & slot) {
         keep = 0;
     }
     slot.seq.tokens.resize(keep);
+    // A draft model keeps what it held of the kept prefix; it catches up on the rest.
+    speculator_->truncate(slot.seq.id, static_cast<llama_pos>(keep));
     slot.n_past = static_cast<llama_pos>(keep);
     slot.n_prompt_done = keep;
     slot.n_cached = static_cast<int32_t>(keep);
@@ -571,6 +591,36 @@ bool Engine::abort_callback(void * data) {
     return abort;
 }
 
+void Engine::request_drafts(int32_t n_batch) {
+    // Every decoding sequence that speculates asks for a draft to follow its sampled token;
+    // llama.cpp drafts them all in one call. The rows they take are shared fairly, and a
+    // draft never reaches past max_tokens or the sequence's context: every drafted token
+    // could be accepted and must still be within the request's limits.
+    std::vector<Slot *> decoding;
+    for (auto & slot : slots_) {
+        if (slot.state == SlotState::DECODING && !slot.paused) decoding.push_back(&slot);
+    }
+    if (decoding.empty()) return;
+    // Prompts waiting to be prefilled keep their per-step budget.
+    const bool prefilling = std::any_of(slots_.begin(), slots_.end(), [](const Slot & s) { return s.state == SlotState::PREFILLING; });
+    const int32_t step = params_.prefill_step_tokens > 0 ? static_cast<int32_t>(params_.prefill_step_tokens) : n_batch;
+    const int32_t reserve = prefilling ? std::min(n_batch, step) : 0;
+    const int32_t rows_each =
+        (n_batch - reserve - static_cast<int32_t>(decoding.size())) / static_cast<int32_t>(decoding.size());
+    bool any = false;
+    for (Slot * slot : decoding) {
+        slot->draft.clear();
+        if (!slot->req->params.speculative || !speculator_->should_draft(slot->seq.id)) continue;
+        const int32_t left = slot->req->params.max_tokens - static_cast<int32_t>(slot->generated.size()) - 1;
+        const int32_t room = n_ctx_seq_ - slot->n_past - 1;
+        const int32_t n_max = std::min({rows_each, left, room});
+        if (n_max <= 0) continue;
+        speculator_->request(slot->seq.id, slot->next_token, slot->n_past, &slot->seq.tokens, n_max, &slot->draft);
+        any = true;
+    }
+    if (any) speculator_->draft();
+}
+
 bool Engine::build_batch() {
     batch_.n_tokens = 0;
     const int32_t n_batch = static_cast<int32_t>(llama_n_batch(ctx_));
@@ -589,10 +639,20 @@ bool Engine::build_batch() {
             slot.paused = false;
             paused_slots_--;
         }
+    }
+    if (speculator_->enabled()) request_drafts(n_batch);
+    for (auto & slot : slots_) {
+        if (slot.state != SlotState::DECODING || slot.paused) continue;
         slot.seq.tokens_before_batch = slot.seq.tokens.size();
         slot.seq.tokens.push_back(slot.next_token);
         batch_add(batch_, slot.next_token, slot.n_past++, slot.seq.id, true);
         slot.i_batch = batch_.n_tokens - 1;
+        // The draft follows in the next rows, each with its logits: they verify it.
+        for (llama_token t : slot.draft) {
+            slot.seq.tokens.push_back(t);
+            batch_add(batch_, t, slot.n_past++, slot.seq.id, true);
+        }
+        slot.n_drafted += static_cast<int32_t>(slot.draft.size());
         slot.in_batch = true;
     }
     // Prefill the longest-waiting prompts with what is left of the batch, so decoding
@@ -754,11 +814,14 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     // Free the slot and its KV at once so the next request can start; do it before the
     // final event goes out so a caller that sees it also sees the slot free.
     ev.cached_tokens = slot.n_cached;
+    ev.draft_tokens = slot.n_drafted;
+    ev.draft_accepted_tokens = slot.n_draft_accepted;
     std::shared_ptr<Request> owner = std::move(slot.req);
     if (!params_.cache_prompt || !error.empty()) {
         // Without the cache (or after a failure) the sequence is cleared for the next one.
         llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, -1, -1);
         slot.seq.tokens.clear();
+        speculator_->truncate(slot.seq.id, 0);
     }
     slot.seq.last_used = ++use_clock_;
     if (slot.paused) paused_slots_--;
@@ -767,15 +830,86 @@ void Engine::finish(Slot & slot, StopReason reason, const std::string & stop_seq
     owner->push(std::move(ev));
 }
 
-void Engine::sample_slot(Slot & slot) {
+bool Engine::take_token(Slot & slot, llama_token id, int32_t row, std::string & text) {
+    // One token the request's sampler chose (and accepted): end of generation, logprobs,
+    // text and stop sequences, limits. Its text joins `text`, emitted by the caller as one
+    // chunk per step. False when the request finished on it.
     Request & req = *slot.req;
-    const llama_token id = common_sampler_sample(req.sampler, ctx_, slot.i_batch);
-    // A grammar plus logit_bias (or a chain) can leave no token allowed; the sampler then
-    // still "selects" a banned one, and accepting it makes llama.cpp's grammar abort the
-    // process. A banned pick is exactly a non-finite selected logit: end this sequence.
-    const llama_token_data_array * cur = common_sampler_get_candidates(req.sampler, false);
-    if (cur->selected < 0 || static_cast<size_t>(cur->selected) >= cur->size ||
-        !(cur->data[cur->selected].logit > -INFINITY)) {
+    if (slot.generated.empty()) {
+        req.t_first_token = Request::clock::now();
+    }
+    if (llama_vocab_is_eog(vocab_, id)) {
+        emit(slot, text);
+        finish(slot, StopReason::EOS);
+        return false;
+    }
+    slot.generated.push_back(id);
+    slot.chunk_tokens.push_back(id);
+    if (req.params.logprobs >= 0) {
+        TokenLogprob lp = logprob_of(row, id, req.params.logprobs);
+        slot.all_logprobs.push_back(lp);
+        slot.chunk_logprobs.push_back(std::move(lp));
+    }
+    const bool match_stops = static_cast<int32_t>(slot.generated.size()) >= req.params.min_tokens;
+    TextStream::Step step = slot.text->push(common_token_to_piece(vocab_, id, true), match_stops);
+    text += step.emit;
+    if (step.stopped) {
+        emit(slot, text);
+        finish(slot, StopReason::STOP_SEQUENCE, step.stop_sequence);
+        return false;
+    }
+    // The next token would need one more KV cell; stop when the sequence's context is full.
+    if (static_cast<int32_t>(slot.generated.size()) >= req.params.max_tokens || slot.n_past >= n_ctx_seq_) {
+        emit(slot, text);
+        finish(slot, StopReason::LENGTH);
+        return false;
+    }
+    return true;
+}
+
+int32_t Engine::sample_slot(Slot & slot) {
+    // Sample at the sampled token's row; with a draft, go on along the draft's rows while
+    // the request's own sampler picks the drafted token (llama.cpp's accept rule: what is
+    // accepted is exactly what the target alone would have sampled). The first pick that
+    // differs, or the one after the whole draft, is the next token. Returns the rows sampled.
+    Request & req = *slot.req;
+    const size_t n_draft = slot.draft.size();
+    std::vector<llama_token> ids;
+    int32_t n_accepted = 0;  // draft tokens the sampler picked
+    bool no_token_allowed = false;
+    for (size_t i = 0; i <= n_draft; ++i) {
+        const int32_t row = slot.i_batch + static_cast<int32_t>(i);
+        const llama_token id = common_sampler_sample(req.sampler, ctx_, row);
+        // A grammar plus logit_bias (or a chain) can leave no token allowed; the sampler then
+        // still "selects" a banned one, and accepting it makes llama.cpp's grammar abort the
+        // process. A banned pick is exactly a non-finite selected logit: end this sequence.
+        const llama_token_data_array * cur = common_sampler_get_candidates(req.sampler, false);
+        if (cur->selected < 0 || static_cast<size_t>(cur->selected) >= cur->size ||
+            !(cur->data[cur->selected].logit > -INFINITY)) {
+            no_token_allowed = true;
+            break;
+        }
+        common_sampler_accept(req.sampler, id, true);
+        ids.push_back(id);
+        if (i == n_draft || id != slot.draft[i]) break;
+        n_accepted++;
+    }
+    // Keep the KV of the sampled token and the accepted draft; drop the rejected draft.
+    if (n_draft > 0) {
+        const size_t n_keep = slot.seq.tokens_before_batch + 1 + static_cast<size_t>(n_accepted);
+        slot.n_past = static_cast<llama_pos>(n_keep);
+        slot.seq.tokens.resize(n_keep);
+        llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, slot.n_past, -1);
+        slot.n_draft_accepted += n_accepted;
+        speculator_->accept(slot.seq.id, static_cast<int32_t>(n_draft), n_accepted);
+        slot.draft.clear();
+    }
+    std::string text;
+    for (size_t i = 0; i < ids.size(); ++i) {
+        if (!take_token(slot, ids[i], slot.i_batch + static_cast<int32_t>(i), text)) return static_cast<int32_t>(ids.size());
+    }
+    if (no_token_allowed) {
+        emit(slot, text);
         guarded_failures_total_++;
         // A chat grammar comes from the template: only logit_bias can empty it.
         const bool grammar = !req.params.grammar.empty() && !req.chat;
@@ -785,37 +919,11 @@ void Engine::sample_slot(Slot & slot) {
                                   : "no token is allowed: logit_bias (or the sampler chain) excludes every token";
         if (eog_banned) why += " (end-of-generation is banned by ignore_eos or min_tokens)";
         finish(slot, StopReason::CANCELLED, "", why, grammar ? req.params.grammar_field : "logit_bias");
-        return;
+        return static_cast<int32_t>(ids.size()) + 1;
     }
-    common_sampler_accept(req.sampler, id, true);
-    if (slot.generated.empty()) {
-        req.t_first_token = Request::clock::now();
-    }
-    if (llama_vocab_is_eog(vocab_, id)) {
-        finish(slot, StopReason::EOS);
-        return;
-    }
-    slot.generated.push_back(id);
-    slot.chunk_tokens.push_back(id);
-    if (req.params.logprobs >= 0) {
-        TokenLogprob lp = logprob_of(slot.i_batch, id, req.params.logprobs);
-        slot.all_logprobs.push_back(lp);
-        slot.chunk_logprobs.push_back(std::move(lp));
-    }
-    const bool match_stops = static_cast<int32_t>(slot.generated.size()) >= req.params.min_tokens;
-    TextStream::Step step = slot.text->push(common_token_to_piece(vocab_, id, true), match_stops);
-    if (step.stopped) {
-        emit(slot, step.emit);
-        finish(slot, StopReason::STOP_SEQUENCE, step.stop_sequence);
-        return;
-    }
-    emit(slot, step.emit);
-    // The next token would need one more KV cell; stop when the sequence's context is full.
-    if (static_cast<int32_t>(slot.generated.size()) >= req.params.max_tokens || slot.n_past >= n_ctx_seq_) {
-        finish(slot, StopReason::LENGTH);
-        return;
-    }
-    slot.next_token = id;
+    emit(slot, text);
+    slot.next_token = ids.back();  // sampled, not yet decoded: the next batch's token
+    return static_cast<int32_t>(ids.size());
 }
 
 void Engine::after_decode() {
@@ -826,15 +934,19 @@ void Engine::after_decode() {
         if (slot.state == SlotState::PREFILLING) {
             slot.state = SlotState::DECODING;
             slot.req->t_prompt_done = Request::clock::now();
+            if (slot.req->params.speculative) speculator_->begin(slot.seq.id, slot.seq.tokens);
         }
         const double cpu_start = thread_cpu_ms();
+        int32_t rows = 1;
         try {
-            sample_slot(slot);
+            rows = std::max(1, sample_slot(slot));
         } catch (const std::exception & e) {
             // One request's failure (e.g. its sampler) must not take down the others.
             if (slot.req) finish(slot, StopReason::CANCELLED, "", std::string("sampling failed: ") + e.what());
         }
-        const double cpu_ms = thread_cpu_ms() - cpu_start;
+        // Per sampled row: a verified draft samples several tokens in one step, each of which
+        // would have been a step of its own without it.
+        const double cpu_ms = (thread_cpu_ms() - cpu_start) / rows;
         if (slot.req && params_.max_sample_ms > 0 && cpu_ms > params_.max_sample_ms) {
             // Every other stream waited for this: a request whose grammar or chain costs
             // more than the bound per step does not stay in the shared batch.
@@ -909,6 +1021,7 @@ void Engine::run() {
                 if (!slot.in_batch) continue;
                 slot.in_batch = false;
                 slot.seq.tokens.resize(slot.seq.tokens_before_batch);
+                slot.draft.clear();
                 llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq.id, static_cast<llama_pos>(slot.seq.tokens.size()), -1);
             }
         } else {
@@ -1086,6 +1199,8 @@ Metrics Engine::metrics() const {
     m.completion_tokens_total = completion_tokens_total_.load();
     m.decode_steps_total = decode_steps_total_.load();
     m.n_threads_active = n_threads_active_.load();
+    m.draft_tokens_total = speculator_ ? speculator_->drafted_total() : 0;
+    m.draft_accepted_tokens_total = speculator_ ? speculator_->accepted_total() : 0;
     return m;
 }
 

@@ -25,6 +25,7 @@
 #include "llama.h"
 #include "prompt_cache.h"
 #include "request.h"
+#include "speculator.h"
 #include "thread_governor.h"
 
 namespace llama_crab {
@@ -74,6 +75,10 @@ struct EngineParams {
 
     // Chat: a Jinja template's source replacing the model's own (empty: the model's).
     std::string chat_template;
+
+    // Speculative decoding (off unless `speculative.types` names one): each decoding
+    // sequence puts a draft after its sampled token, verified in the same batch.
+    SpeculativeParams speculative;
 };
 
 struct ModelInfo {
@@ -93,6 +98,8 @@ struct Metrics {
     uint64_t ram_cache_bytes = 0, ram_cache_entries = 0, ram_cache_budget = 0;
     uint64_t ram_cache_saves_total = 0, ram_cache_restores_total = 0;
     int32_t n_threads_active = 0;  // compute threads decoding now (adaptive_threads)
+    // Speculative decoding: draft tokens put into batches, and those the target accepted.
+    uint64_t draft_tokens_total = 0, draft_accepted_tokens_total = 0;
 };
 
 struct ModelLoadError : std::runtime_error { using std::runtime_error::runtime_error; };
@@ -151,7 +158,9 @@ private:
     void run_tasks();
     bool build_batch();
     void after_decode();
-    void sample_slot(Slot & slot);
+    int32_t sample_slot(Slot & slot);
+    bool take_token(Slot & slot, llama_token id, int32_t row, std::string & text);
+    void request_drafts(int32_t n_batch);
     void emit(Slot & slot, const std::string & text);
     void push_chunk(Slot & slot, Event ev);
     void finish_chat(Slot & slot);
@@ -178,6 +187,7 @@ private:
     const llama_vocab * vocab_ = nullptr;
     int32_t n_ctx_seq_ = 0;
     std::unique_ptr<ChatTemplates> chat_templates_;
+    std::unique_ptr<Speculator> speculator_;  // scheduler thread only, after construction
     ThreadGovernor governor_;        // scheduler thread only
     int32_t n_threads_now_ = 0;      // scheduler thread only
     std::atomic<int32_t> n_threads_active_{0};

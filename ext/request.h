@@ -42,6 +42,7 @@ struct SamplingParams {
     std::string grammar;
     std::vector<std::string> samplers;  // empty: llama.cpp common's default order
     bool cache_prompt = true;           // reuse a cached prefix of the prompt (if the engine caches)
+    bool speculative = true;            // draft and verify (if the engine speculates)
     // The rest of llama.cpp common's sampling parameters, same names and meanings as
     // CompletionOptions (whose defaults are the ones that count: Python always sets them).
     int32_t min_keep = 0;
@@ -112,6 +113,7 @@ struct Event {
     int32_t prompt_tokens = 0;
     int32_t cached_tokens = 0;
     double queue_ms = 0, ttft_ms = 0, prompt_tps = 0, decode_tps = 0, total_ms = 0;
+    int32_t draft_tokens = 0, draft_accepted_tokens = 0;  // speculative decoding
     std::string error;  // non-empty if the engine failed this sequence
     // Set with `error` when the request itself caused the failure (e.g. a grammar that
     // leaves no token allowed): the field to blame, so callers get INVALID_ARGUMENT.
