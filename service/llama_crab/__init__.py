@@ -45,7 +45,7 @@ from llama_crab_client.sampling import SamplerChain, SamplerStage
 from llama_crab_client.session import Session
 
 from .llama import ChatCompletionStream, CompletionHandle, CompletionStream, EngineMetrics, Llama
-from .params import LlamaParams
+from .params import LlamaParams, Speculative
 
 __all__ = [
     "ChatChunk",
@@ -71,6 +71,7 @@ __all__ = [
     "ResponseFormat",
     "SamplerChain",
     "SamplerStage",
+    "Speculative",
     "Session",
     "StopReason",
     "StreamControl",

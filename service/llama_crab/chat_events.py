@@ -28,7 +28,20 @@ from llama_crab_client.types import Timings, Usage
 
 from . import _engine
 
-__all__ = ["ChatEvents", "native_chat_inputs"]
+__all__ = ["ChatEvents", "engine_timings", "native_chat_inputs"]
+
+
+def engine_timings(ev: _engine.Event) -> Timings:
+    """A final event's timings (completions and chat replies alike)."""
+    return Timings(
+        queue_ms=ev.queue_ms,
+        time_to_first_token_ms=ev.ttft_ms,
+        prompt_tokens_per_second=ev.prompt_tps,
+        decode_tokens_per_second=ev.decode_tps,
+        total_ms=ev.total_ms,
+        draft_tokens=ev.draft_tokens,
+        draft_accepted_tokens=ev.draft_accepted_tokens,
+    )
 
 
 def native_chat_inputs(request: ChatRequest, add_generation_prompt: bool = True) -> _engine.ChatInputs:
@@ -128,13 +141,7 @@ class ChatEvents:
             message=message,
             finish_reason=finish,
             usage=Usage(ev.prompt_tokens, ev.n_tokens, ev.cached_tokens),
-            timings=Timings(
-                queue_ms=ev.queue_ms,
-                time_to_first_token_ms=ev.ttft_ms,
-                prompt_tokens_per_second=ev.prompt_tps,
-                decode_tokens_per_second=ev.decode_tps,
-                total_ms=ev.total_ms,
-            ),
+            timings=engine_timings(ev),
         )
 
 

@@ -6,6 +6,7 @@ engine's C++ scheduler thread with the GIL released.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -42,7 +43,6 @@ from llama_crab_client.types import (
     FieldViolation,
     ModelInfo,
     StopReason,
-    Timings,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -50,9 +50,9 @@ from llama_crab_client.types import (
 )
 
 from . import _engine
-from .chat_events import ChatEvents, native_chat_inputs
+from .chat_events import ChatEvents, engine_timings, native_chat_inputs
 from .logs import install_llama_log_bridge
-from .params import LlamaParams
+from .params import LlamaParams, Speculative
 from .sampling_params import sampling_params
 from .session_file import SessionFile, model_identity, read_session_file, write_session_file
 
@@ -103,13 +103,7 @@ def _to_event(ev: _engine.Event) -> Event:
         stop_reason=_STOP_REASONS[ev.stop_reason],
         stop_sequence=ev.stop_sequence or None,
         usage=Usage(ev.prompt_tokens, ev.n_tokens, ev.cached_tokens),
-        timings=Timings(
-            queue_ms=ev.queue_ms,
-            time_to_first_token_ms=ev.ttft_ms,
-            prompt_tokens_per_second=ev.prompt_tps,
-            decode_tokens_per_second=ev.decode_tps,
-            total_ms=ev.total_ms,
-        ),
+        timings=engine_timings(ev),
         logprobs=_logprobs(ev.logprobs),
     )
 
@@ -142,6 +136,22 @@ class EngineMetrics:
         self.ram_cache_restores_total: int = native.ram_cache_restores_total
         # Compute threads decoding now: fewer than configured while the host is busy.
         self.n_threads_active: int = native.n_threads_active
+        # Speculative decoding: draft tokens put into batches, and those accepted.
+        self.draft_tokens_total: int = native.draft_tokens_total
+        self.draft_accepted_tokens_total: int = native.draft_accepted_tokens_total
+
+
+def _native_speculative(spec: Speculative) -> _engine.SpeculativeParams:
+    """Speculative's fields onto the engine's twin, by name."""
+    native = _engine.SpeculativeParams()
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.name == "types":
+            value = list(value)
+        elif f.name == "draft_model":
+            value = value or ""
+        setattr(native, f.name, value)
+    return native
 
 
 class CompletionHandle:
@@ -367,12 +377,20 @@ class Llama:
         native.cache_ram_bytes = params.cache_ram_mib << 20
         native.adaptive_threads = params.adaptive_threads
         native.prefill_step_tokens = params.prefill_step_tokens
+        if params.speculative is not None:
+            native.speculative = _native_speculative(params.speculative)
         if params.chat_template is not None:
             native.chat_template = params.chat_template
         try:
             engine = _engine.Engine(native)
         except _engine.ModelLoadError as e:
             raise InvalidArgumentError.for_field("model_path", str(e)) from None
+        except ValueError as e:
+            # The engine names the setting it refuses ("speculative.types: ...").
+            field, sep, problem = str(e).partition(": ")
+            if sep and field.startswith("speculative"):
+                raise InvalidArgumentError.for_field(field, problem) from None
+            raise
         return cls(engine, params)
 
     # ---- lifecycle ------------------------------------------------------------------

@@ -11,6 +11,46 @@ FlashAttn = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding, with llama.cpp's own drafters (common/speculative): after each
+    sampled token a sequence puts a draft into the same batch, and the request's own
+    sampler verifies it there, so the output is what it would be without it, sooner.
+
+    `types`: llama.cpp's names, as `llama-server --spec-type` takes them: the
+    self-speculative `ngram-simple`, `ngram-map-k`, `ngram-map-k4v`, `ngram-mod`,
+    `ngram-cache` (drafts from the sequence's own history: edits, rewrites, code), and
+    `draft-simple` with a `draft_model` (a small model sharing the target's vocabulary).
+    The knobs keep llama.cpp's names and defaults (`--spec-draft-n-max`, ...).
+    """
+
+    types: tuple[str, ...] = ("ngram-simple",)
+    draft_model: Optional[str] = None
+    draft_n_max: int = 16
+    draft_n_min: int = 0
+    draft_p_min: float = 0.75
+    ngram_size_n: int = 12
+    ngram_size_m: int = 48
+    ngram_min_hits: int = 1
+    ngram_mod_n_match: int = 24
+    ngram_mod_n_min: int = 48
+    ngram_mod_n_max: int = 64
+
+    def violations(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if not isinstance(self.types, tuple) or not self.types or not all(isinstance(t, str) for t in self.types):
+            out.append(("speculative.types", "must be a non-empty tuple of llama.cpp type names"))
+        if self.draft_model is not None and not isinstance(self.draft_model, str):
+            out.append(("speculative.draft_model", "must be None or a .gguf path"))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                out.append((f"speculative.{f.name}", "must be an integer"))
+        if not isinstance(self.draft_p_min, (int, float)) or not 0 <= self.draft_p_min <= 1:
+            out.append(("speculative.draft_p_min", "must be a number in [0, 1]"))
+        return out
+
+
+@dataclass(frozen=True)
 class LlamaParams:
     """Model and context parameters. Build with keywords or `with_*` builders.
 
@@ -58,6 +98,9 @@ class LlamaParams:
     # Chat: a Jinja chat template's source used instead of the model's own (None: the
     # model's; a model without one gets llama.cpp's ChatML fallback).
     chat_template: Optional[str] = None
+    # Speculative decoding (None: off). Requests may turn it off for themselves
+    # (CompletionOptions.speculative).
+    speculative: Optional[Speculative] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", os.fspath(self.model_path))
@@ -109,6 +152,9 @@ class LlamaParams:
             return self._with(cache_prompt=cache_prompt)
         return self._with(cache_prompt=cache_prompt, cache_ram_mib=cache_ram_mib)
 
+    def with_speculative(self, speculative: Optional[Speculative]) -> LlamaParams:
+        return self._with(speculative=speculative)
+
     def with_chat_template(self, source: Optional[str]) -> LlamaParams:
         return self._with(chat_template=source)
 
@@ -147,6 +193,11 @@ class LlamaParams:
             out.append(("flash_attn", "must be 'auto', 'on' or 'off'"))
         if not isinstance(self.seed, int) or not 0 <= self.seed <= 0xFFFFFFFF:
             out.append(("seed", "must be an integer in [0, 2**32 - 1]"))
+        if self.speculative is not None:
+            if isinstance(self.speculative, Speculative):
+                out += self.speculative.violations()
+            else:
+                out.append(("speculative", "must be None or a Speculative"))
         if isinstance(self.n_ctx, int) and isinstance(self.n_parallel, int) and self.n_parallel >= 1:
             if self.n_ctx // self.n_parallel < 8:
                 out.append(("n_ctx", "must leave at least 8 tokens per slot (n_ctx / n_parallel)"))

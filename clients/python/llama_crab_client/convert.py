@@ -214,6 +214,8 @@ def _timings_to_proto(t: Timings) -> pb.Timings:
         prompt_tokens_per_second=t.prompt_tokens_per_second,
         decode_tokens_per_second=t.decode_tokens_per_second,
         total_ms=t.total_ms,
+        draft_tokens=t.draft_tokens,
+        draft_accepted_tokens=t.draft_accepted_tokens,
     )
 
 
@@ -224,6 +226,8 @@ def _timings_from_proto(t: pb.Timings) -> Timings:
         prompt_tokens_per_second=t.prompt_tokens_per_second,
         decode_tokens_per_second=t.decode_tokens_per_second,
         total_ms=t.total_ms,
+        draft_tokens=t.draft_tokens,
+        draft_accepted_tokens=t.draft_accepted_tokens,
     )
 
 

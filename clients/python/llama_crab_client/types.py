@@ -142,6 +142,9 @@ class Timings:
     prompt_tokens_per_second: float = 0.0
     decode_tokens_per_second: float = 0.0
     total_ms: float = 0.0
+    # Speculative decoding: tokens drafted, and those the model accepted.
+    draft_tokens: int = 0
+    draft_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,9 @@ class CompletionOptions:
     # Reuse the KV of a cached prefix of the prompt (the server's prefix cache); False
     # computes the whole prompt afresh. Never changes what is generated, only how fast.
     cache_prompt: bool = True
+    # Speculative decoding, where the server (or Llama) runs it: drafts verified with this
+    # request's own sampler, so the output is the same, only sooner. False turns it off.
+    speculative: bool = True
     # ---- the rest of llama.cpp's samplers (common's names, defaults and meanings) --------
     # At least this many candidates survive top_p / min_p / typical_p / xtc (0: no floor).
     min_keep: int = 0
@@ -375,6 +381,9 @@ class CompletionOptions:
     def with_cache_prompt(self, cache_prompt: bool) -> CompletionOptions:
         return self._with(cache_prompt=cache_prompt)
 
+    def with_speculative(self, speculative: bool) -> CompletionOptions:
+        return self._with(speculative=speculative)
+
     def with_min_keep(self, min_keep: int) -> CompletionOptions:
         return self._with(min_keep=min_keep)
 
@@ -474,6 +483,8 @@ class CompletionOptions:
             bad("grammar", "must be a non-empty GBNF grammar")
         if not isinstance(self.cache_prompt, bool):
             bad("cache_prompt", "must be True or False")
+        if not isinstance(self.speculative, bool):
+            bad("speculative", "must be True or False")
         if not _is_int(self.min_keep) or not 0 <= self.min_keep <= MAX_MIN_KEEP:
             bad("min_keep", f"must be an integer in [0, {MAX_MIN_KEEP}]")
         check_float("top_n_sigma", -1.0, 100.0)

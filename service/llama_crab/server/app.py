@@ -209,9 +209,24 @@ def load_llama(config: ServeConfig) -> Llama:
     """Resolve the model (catalogue name or path; may download) and load it."""
     from .. import models
     from ..llama import Llama
-    from ..params import LlamaParams
+    from ..params import LlamaParams, Speculative
 
     path = models.ensure(config.model)
+    speculative = None
+    if config.spec_types:
+        speculative = Speculative(
+            types=config.spec_types,
+            draft_model=models.ensure(config.spec_draft_model) if config.spec_draft_model else None,
+            draft_n_max=config.spec_draft_n_max,
+            draft_n_min=config.spec_draft_n_min,
+            draft_p_min=config.spec_draft_p_min,
+            ngram_size_n=config.spec_ngram_size_n,
+            ngram_size_m=config.spec_ngram_size_m,
+            ngram_min_hits=config.spec_ngram_min_hits,
+            ngram_mod_n_match=config.spec_ngram_mod_n_match,
+            ngram_mod_n_min=config.spec_ngram_mod_n_min,
+            ngram_mod_n_max=config.spec_ngram_mod_n_max,
+        )
     params = LlamaParams(
         path,
         n_ctx=config.n_ctx,
@@ -229,6 +244,7 @@ def load_llama(config: ServeConfig) -> Llama:
         cache_prompt=config.cache_prompt,
         cache_ram_mib=config.cache_ram,
         chat_template=_read_text(config.chat_template) if config.chat_template else None,
+        speculative=speculative,
     )
     return Llama.load(params)
 

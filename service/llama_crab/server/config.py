@@ -46,6 +46,18 @@ class ServeConfig:
     cache_ram: int = 512
     # chat: a Jinja template file used instead of the model's own
     chat_template: Optional[str] = None
+    # speculative decoding (see llama_crab.Speculative): llama.cpp's type names, comma-separated
+    spec_type: Optional[str] = None
+    spec_draft_model: Optional[str] = None
+    spec_draft_n_max: int = 16
+    spec_draft_n_min: int = 0
+    spec_draft_p_min: float = 0.75
+    spec_ngram_size_n: int = 12
+    spec_ngram_size_m: int = 48
+    spec_ngram_min_hits: int = 1
+    spec_ngram_mod_n_match: int = 24
+    spec_ngram_mod_n_min: int = 48
+    spec_ngram_mod_n_max: int = 64
     # network
     host: str = "127.0.0.1"
     port: int = 50051
@@ -74,6 +86,12 @@ class ServeConfig:
 
     def replace(self, **changes: Any) -> ServeConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def spec_types(self) -> tuple[str, ...]:
+        """--spec-type as a tuple of names; empty (or "none") when not speculating."""
+        names = tuple(n.strip() for n in (self.spec_type or "").split(",") if n.strip())
+        return () if names == ("none",) else names
 
     @property
     def address(self) -> str:
@@ -127,6 +145,10 @@ class ServeConfig:
             out.append(("auth_token", "give --auth-token or --auth-token-file, not both"))
         if self.auth_token is not None and not self.auth_token.strip():
             out.append(("auth_token", "must not be empty"))
+        if self.spec_draft_model is not None and "draft-simple" not in self.spec_types:
+            out.append(("spec_draft_model", "needs --spec-type draft-simple"))
+        if "draft-simple" in self.spec_types and not self.spec_draft_model:
+            out.append(("spec_type", "draft-simple needs --spec-draft-model"))
         if self.log_level not in LOG_LEVELS:
             out.append(("log_level", f"must be one of {', '.join(LOG_LEVELS)}"))
         if self.log_format not in LOG_FORMATS:
@@ -225,6 +247,31 @@ OPTIONS: tuple[Option, ...] = (
         "a Jinja chat template file used by Chat instead of the model's own (e.g. for a GGUF without one)",
         unset="the model's (ChatML if it has none)",
     ),
+    Option(
+        "spec_type",
+        str,
+        "TYPES",
+        "speculative decoding with llama.cpp's drafters, comma-separated as llama-server takes them: "
+        "ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache (drafts from the stream's own "
+        "text: edits, rewrites, code), draft-simple (with --spec-draft-model); requests may opt out",
+        unset="off",
+    ),
+    Option(
+        "spec_draft_model",
+        str,
+        "NAME|PATH",
+        "draft model for draft-simple: a catalogue name or .gguf path sharing the model's vocabulary",
+        unset="none",
+    ),
+    Option("spec_draft_n_max", int, "N", "most tokens the draft model proposes per step"),
+    Option("spec_draft_n_min", int, "N", "draft-model proposals shorter than this are dropped"),
+    Option("spec_draft_p_min", float, "P", "the draft model stops at a token it gives less probability than this"),
+    Option("spec_ngram_size_n", int, "N", "ngram-simple/-map-k/-map-k4v: length of the n-gram looked up"),
+    Option("spec_ngram_size_m", int, "N", "ngram-simple/-map-k/-map-k4v: length of the continuation proposed"),
+    Option("spec_ngram_min_hits", int, "N", "ngram-map-k/-map-k4v: times an n-gram must have been seen"),
+    Option("spec_ngram_mod_n_match", int, "N", "ngram-mod: length of the n-gram looked up"),
+    Option("spec_ngram_mod_n_min", int, "N", "ngram-mod: shortest draft proposed"),
+    Option("spec_ngram_mod_n_max", int, "N", "ngram-mod: longest draft proposed"),
     Option("max_grammar_bytes", int, "BYTES", "largest GBNF grammar a request may carry (0 = no limit)"),
     Option(
         "max_sample_ms",

@@ -49,6 +49,13 @@ _ENGINE_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ram_cache_bytes", "gauge", "Bytes held by the host-RAM prompt cache", "ram_cache_bytes"),
     ("ram_cache_entries", "gauge", "Prompt prefixes held by the host-RAM cache", "ram_cache_entries"),
     ("ram_cache_restores", "counter", "Prefixes restored from the host-RAM cache into a slot", "ram_cache_restores_total"),
+    ("draft_tokens", "counter", "Speculative decoding: draft tokens put into batches", "draft_tokens_total"),
+    (
+        "draft_accepted_tokens",
+        "counter",
+        "Speculative decoding: draft tokens the model accepted (each saved a decode step)",
+        "draft_accepted_tokens_total",
+    ),
     (
         "guarded_failures",
         "counter",
