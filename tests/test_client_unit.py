@@ -60,6 +60,7 @@ FULL_OPTIONS = CompletionOptions(
     grammar='root ::= "yes" | "no"',
     samplers=("top_k", "temperature"),
     cache_prompt=False,
+    speculative=False,
     min_keep=3,
     top_n_sigma=1.5,
     xtc_probability=0.5,

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama_crab import Completion, CompletionOptions, Llama, LlamaParams
+from llama_crab import Completion, CompletionOptions, Llama, LlamaParams, Speculative
 from llama_crab.server.testing import TestServer, start_test_server
 from llama_crab_client import convert
 from llama_crab_client.errors import InvalidArgumentError, ResourceExhaustedError
@@ -249,7 +249,10 @@ _CHAT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
 # ---- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fuzz_llama(model_path: str) -> Iterator[Llama]:
-    params = LlamaParams(model_path, n_ctx=N_CTX, n_parallel=N_SLOTS, max_queue=16)
+    # Speculating, with n-grams short enough that random prompts get drafts: every random
+    # sampler setting is then also verified against drafts (unless the request opts out).
+    spec = Speculative(types=("ngram-simple",), ngram_size_n=2, ngram_size_m=8)
+    params = LlamaParams(model_path, n_ctx=N_CTX, n_parallel=N_SLOTS, max_queue=16, speculative=spec)
     with Llama.load(params) as model:
         yield model
 
