@@ -276,7 +276,7 @@ def run_measured(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
         return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024.0
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "smollm2-135m") -> None:
     """--model and --threads, the same in every benchmark script."""
-    parser.add_argument("--model", default="smollm2-135m", help="catalogue name or .gguf path (default: %(default)s)")
+    parser.add_argument("--model", default=default_model, help="catalogue name or .gguf path (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")

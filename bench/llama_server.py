@@ -93,6 +93,26 @@ def completion_body(
     }
 
 
+def events(connections: Connections, body: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON events of one streamed `POST /completion`, the final (`stop`) one included;
+    raises on an HTTP error or an error event."""
+    conn = connections.open()
+    try:
+        conn.request("POST", "/completion", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"llama-server /completion: HTTP {resp.status}: {resp.read()[:500]!r}")
+        for line in resp:  # http.client undoes the chunked transfer coding
+            if not line.startswith(b"data: ") or line[6:].strip() == b"[DONE]":
+                continue
+            event: dict[str, Any] = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"llama-server stream error: {event['error']}")
+            yield event
+    finally:
+        conn.close()
+
+
 class SseStream:
     """One streamed completion; iterating yields a chunk per token event, then `.completion` is set.
     Satisfies `common.ChunkStream`."""
@@ -103,34 +123,18 @@ class SseStream:
         self.completion: Optional[SseCompletion] = None
 
     def __iter__(self) -> Iterator[SseChunk]:
-        conn = self._connections.open()
-        try:
-            conn.request("POST", "/completion", self._body, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise RuntimeError(f"llama-server /completion: HTTP {resp.status}: {resp.read()[:500]!r}")
-            for line in resp:  # http.client undoes the chunked transfer coding
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    continue
-                event = json.loads(payload)
-                if "error" in event:
-                    raise RuntimeError(f"llama-server stream error: {event['error']}")
-                if event.get("stop"):
-                    timings = event.get("timings") or {}
-                    prompt_ms, decode_tps = timings.get("prompt_ms", 0.0), timings.get("predicted_per_second", 0.0)
-                    self.completion = SseCompletion(
-                        SseTimings(float(prompt_ms), float(decode_tps)),
-                        int(event.get("tokens_predicted", 0)),
-                        str(event.get("stop_type", "")),
-                        event,
-                    )
-                else:
-                    yield SseChunk(int(event["tokens_predicted"]))
-        finally:
-            conn.close()
+        for event in events(self._connections, self._body):
+            if event.get("stop"):
+                timings = event.get("timings") or {}
+                prompt_ms, decode_tps = timings.get("prompt_ms", 0.0), timings.get("predicted_per_second", 0.0)
+                self.completion = SseCompletion(
+                    SseTimings(float(prompt_ms), float(decode_tps)),
+                    int(event.get("tokens_predicted", 0)),
+                    str(event.get("stop_type", "")),
+                    event,
+                )
+            else:
+                yield SseChunk(int(event["tokens_predicted"]))
 
 
 def health_ok(port: int) -> bool:
@@ -155,6 +159,7 @@ def serve(
     log: Path,
     timeout: float = 300.0,
     cache_ram: Optional[int] = 0,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[int]:
     """`llama-server` on 127.0.0.1:`port` with the gRPC server's engine settings (threads, one
     context of `n_ctx` shared by `parallel` slots with a KV cache per slot, batch 512, flash
@@ -164,6 +169,7 @@ def serve(
     each idle slot's KV on every new request: work a cold, uncached request does not need.
     `cache_ram` is its size in MiB; None leaves the flag out (llama-server's default: on,
     8192 MiB, idle slots saved to it), for the prefix-cache scenario (bench/prefix.py).
+    `extra`: more flags (bench/speculative.py's `--spec-type`).
     """
     cmd = [
         str(binary), "--host", HOST, "--port", str(port), "-m", model, "-t", str(threads), "-tb", str(threads),
@@ -172,6 +178,7 @@ def serve(
     ]  # fmt: skip
     if cache_ram is not None:
         cmd += ["--cache-ram", str(cache_ram)]
+    cmd += extra
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     with log.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)

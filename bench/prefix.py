@@ -96,26 +96,13 @@ class ServerClient:
         first: Optional[float] = None
         tokens: list[int] = []
         final: Optional[dict[str, Any]] = None
-        conn = self.connections.open()
-        try:
-            conn.request("POST", "/completion", data, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise RuntimeError(f"llama-server /completion: HTTP {resp.status}: {resp.read()[:500]!r}")
-            for line in resp:
-                if not line.startswith(b"data: ") or line[6:].strip() == b"[DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise RuntimeError(f"llama-server stream error: {event['error']}")
-                if event.get("stop"):
-                    final = event
-                    continue
-                if first is None:
-                    first = time.perf_counter() - start
-                tokens += [int(t) for t in event.get("tokens") or ()]
-        finally:
-            conn.close()
+        for event in llama_server.events(self.connections, data):
+            if event.get("stop"):
+                final = event
+                continue
+            if first is None:
+                first = time.perf_counter() - start
+            tokens += [int(t) for t in event.get("tokens") or ()]
         assert final is not None and first is not None, "llama-server: no token, or no final event"
         timings = final.get("timings") or {}
         prompt_tokens = int(final.get("tokens_evaluated") or 0)
