@@ -74,12 +74,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--scenario",
-        choices=("performance", "chat", "busy", "mixed", "prefix", "all"),
+        choices=("performance", "chat", "busy", "mixed", "prefix", "speculative", "all"),
         default="performance",
         help="performance: the columns above; chat: bench/chat.py (Chat vs Complete, a session); "
         "busy: bench/busy_host.py (decode beside a CPU hog); mixed: bench/mixed.py (a long prompt "
         "beside decoding streams, the --prefill-step budget); prefix: bench/prefix.py (the prefix "
-        "cache on vs off, beside llama-server's); all: the five",
+        "cache on vs off, beside llama-server's); speculative: bench/speculative.py (edit, JSON and story "
+        "work with and without speculation, beside llama-server's; qwen2.5-coder-0.5b unless --model says "
+        "otherwise); all: the six",
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -203,6 +205,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.no_build:
             prefix_argv.append("--no-build")
         prefix.main(prefix_argv)
+    if args.scenario in ("speculative", "all"):
+        import speculative
+
+        spec_argv = ["--threads", str(args.threads), "--reps", str(args.reps)]
+        if args.model != "smollm2-135m":  # the scenario's own default is a coder model
+            spec_argv += ["--model", args.model]
+        if args.llama_server:
+            spec_argv += ["--llama-server", args.llama_server]
+        if args.no_build:
+            spec_argv.append("--no-build")
+        speculative.main(spec_argv)
     return 0
 
 
