@@ -309,3 +309,13 @@ def test_the_server_flag_builds_the_engine_setting() -> None:
     assert "spec_type" in problems
     problems = dict(ServeConfig(spec_draft_model="smollm2-135m").violations())
     assert "spec_draft_model" in problems
+
+
+def test_serve_loads_a_speculating_engine_from_its_flags(model_path: str) -> None:
+    from llama_crab.server.app import load_llama
+    from llama_crab.server.config import ServeConfig
+
+    config = ServeConfig(model=model_path, n_ctx=2048, parallel=1, spec_type="ngram-simple", spec_ngram_size_n=4)
+    with load_llama(config) as llama:
+        out = llama.create_completion(EDIT_PROMPT, CompletionOptions(96, ignore_eos=True))
+        assert out.timings.draft_tokens > 0

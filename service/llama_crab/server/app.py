@@ -10,6 +10,7 @@ a final CANCELLED Completion), and the server stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Coroutine
@@ -214,19 +215,14 @@ def load_llama(config: ServeConfig) -> Llama:
     path = models.ensure(config.model)
     speculative = None
     if config.spec_types:
-        speculative = Speculative(
-            types=config.spec_types,
-            draft_model=models.ensure(config.spec_draft_model) if config.spec_draft_model else None,
-            draft_n_max=config.spec_draft_n_max,
-            draft_n_min=config.spec_draft_n_min,
-            draft_p_min=config.spec_draft_p_min,
-            ngram_size_n=config.spec_ngram_size_n,
-            ngram_size_m=config.spec_ngram_size_m,
-            ngram_min_hits=config.spec_ngram_min_hits,
-            ngram_mod_n_match=config.spec_ngram_mod_n_match,
-            ngram_mod_n_min=config.spec_ngram_mod_n_min,
-            ngram_mod_n_max=config.spec_ngram_mod_n_max,
-        )
+        # Each Speculative field is the serve option of the same name behind "spec_".
+        knobs = {
+            f.name: getattr(config, "spec_" + f.name)
+            for f in dataclasses.fields(Speculative)
+            if f.name not in ("types", "draft_model")
+        }
+        draft = models.ensure(config.spec_draft_model) if config.spec_draft_model else None
+        speculative = Speculative(types=config.spec_types, draft_model=draft, **knobs)
     params = LlamaParams(
         path,
         n_ctx=config.n_ctx,
