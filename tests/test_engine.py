@@ -49,6 +49,26 @@ def test_chunks_concatenate_to_completion(llama: Llama) -> None:
     assert completion.timings.total_ms >= completion.timings.time_to_first_token_ms
 
 
+def test_a_reader_that_fell_behind_gets_one_merged_chunk(llama: Llama) -> None:
+    """Chunks pending when the consumer reads are merged into one (one message, not one per
+    step), with every token, logprob and character in order."""
+    options = CompletionOptions(24, logprobs=1, ignore_eos=True, cache_prompt=False)
+    reference = llama.create_completion(PROMPT, options)
+    done_before = llama.metrics().completion_tokens_total
+    handle = llama.submit(PROMPT, options)
+    # Read nothing until the whole completion is generated.
+    assert wait_until(lambda: llama.metrics().completion_tokens_total >= done_before + 24)
+    events = list(handle.events())
+    handle.close()
+    chunks, final = events[:-1], events[-1]
+    assert isinstance(final, Completion) and len(chunks) == 1
+    (chunk,) = chunks
+    assert isinstance(chunk, Chunk)
+    assert chunk.text == final.text == reference.text
+    assert chunk.token_ids == final.token_ids
+    assert chunk.logprobs is not None and [lp.token_id for lp in chunk.logprobs] == list(final.token_ids)
+
+
 def test_max_tokens_is_honoured(llama: Llama) -> None:
     for n in (1, 5, 17):
         completion = llama.create_completion("Once upon a time", CompletionOptions(n))
