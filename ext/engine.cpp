@@ -610,10 +610,13 @@ void Engine::request_drafts(int32_t n_batch) {
     bool any = false;
     for (Slot * slot : decoding) {
         slot->draft.clear();
-        if (!slot->req->params.speculative || !speculator_->should_draft(slot->seq.id)) continue;
+        if (!slot->req->params.speculative) continue;
+        const int32_t allowance = speculator_->draft_allowance(slot->seq.id);
+        if (allowance == 0) continue;
         const int32_t left = slot->req->params.max_tokens - static_cast<int32_t>(slot->generated.size()) - 1;
         const int32_t room = n_ctx_seq_ - slot->n_past - 1;
-        const int32_t n_max = std::min({rows_each, left, room});
+        int32_t n_max = std::min({rows_each, left, room});
+        if (allowance > 0) n_max = std::min(n_max, allowance);
         if (n_max <= 0) continue;
         speculator_->request(slot->seq.id, slot->next_token, slot->n_past, &slot->seq.tokens, n_max, &slot->draft);
         any = true;

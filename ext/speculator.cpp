@@ -134,14 +134,14 @@ void Speculator::truncate(llama_seq_id seq, llama_pos n_keep) {
     }
 }
 
-bool Speculator::should_draft(llama_seq_id seq) {
-    if (!spec_) return false;
+int32_t Speculator::draft_allowance(llama_seq_id seq) {
+    if (!spec_) return 0;
     auto & b = backoff_[static_cast<size_t>(seq)];
     if (b.skip > 0) {
         b.skip--;
-        return false;
+        return 0;
     }
-    return true;
+    return b.cap;
 }
 
 void Speculator::request(llama_seq_id seq, llama_token id_last, llama_pos pos0, const std::vector<llama_token> * history,
@@ -198,9 +198,12 @@ void Speculator::accept(llama_seq_id seq, int32_t n_drafted, int32_t n_accepted)
     auto & b = backoff_[static_cast<size_t>(seq)];
     if (n_accepted > 0) {
         b = Backoff{};
+        // Verifying costs every drafted row, accepted or not: draft about what was accepted.
+        if (n_accepted < n_drafted) b.cap = 2 * n_accepted + 1;
     } else if (n_drafted > 0) {
         b.penalty = std::min(kMaxSkip, std::max(1, b.penalty * 2));
         b.skip = b.penalty;
+        b.cap = 1;
     }
 }
 

@@ -60,9 +60,11 @@ public:
     // The sequence's KV was cut back to `n_keep` tokens, or it was cleared (n_keep 0).
     void truncate(llama_seq_id seq, llama_pos n_keep);
 
-    // Whether `seq` drafts this step: false while it backs off after drafts that gained
-    // nothing (each call counts one step of the backoff).
-    bool should_draft(llama_seq_id seq);
+    // How many tokens `seq` may draft this step: 0 while it backs off after drafts that
+    // gained nothing (each call counts one step of the backoff); after a draft accepted only
+    // in part, twice the part accepted plus one, so a draft that keeps failing early costs
+    // few rows; unbounded (-1) after one accepted whole.
+    int32_t draft_allowance(llama_seq_id seq);
     // Ask for a draft of at most `n_max` tokens following `id_last` (at position `pos0`),
     // `history` being every token before it. Then one draft() fills every `out`. A draft
     // model first catches up on the history it has not seen (a bounded piece per step,
@@ -80,6 +82,7 @@ private:
     struct Backoff {
         int32_t skip = 0;      // steps left without drafting
         int32_t penalty = 0;   // the next skip after a draft that did not pay
+        int32_t cap = -1;      // longest draft allowed next (-1: no cap)
     };
 
     common_speculative * spec_ = nullptr;
