@@ -17,7 +17,8 @@ Three configurations per round, their order rotating by round so drift hits each
   crab-spec     `llama-crab serve --spec-type T`, requests as they come (speculative on)
   crab-plain    the same server, requests with `speculative=False`
   server-spec   `llama-server --spec-type T` (built from the same pinned llama.cpp)
-Reported per cell: aggregate tokens/s (all streams' tokens over the round's wall time),
+Reported per cell: aggregate decode tokens/s (every stream's tokens after its first, over
+the time from the round's first first-token to its last token),
 median TTFT (client side: request sent to first token), the acceptance rate (accepted /
 drafted draft tokens, from each server's own counts) and streamed messages per token.
 Writes docs/speculative-performance.md and bench/out/speculative.json. Speed is measured
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,8 +72,17 @@ def workloads() -> dict[str, str]:
     }
 
 
-# One stream's result: (seconds to first token, tokens generated, messages received, drafted, accepted).
-Stream = tuple[float, int, int, int, int]
+@dataclass(frozen=True)
+class Stream:
+    """One stream's result; `first` and `end` are perf_counter stamps."""
+
+    sent: float
+    first: float
+    end: float
+    tokens: int
+    messages: int
+    drafted: int
+    accepted: int
 
 
 def crab_stream(client: Client, prompt: str, n_predict: int, banned: dict[int, float], speculative: bool) -> Stream:
@@ -85,11 +96,12 @@ def crab_stream(client: Client, prompt: str, n_predict: int, banned: dict[int, f
         for _chunk in stream:
             messages += 1
             if first is None:
-                first = time.perf_counter() - start
+                first = time.perf_counter()
+    end = time.perf_counter()
     completion = stream.completion
     assert completion is not None and first is not None
     t = completion.timings
-    return first, completion.usage.completion_tokens, messages, t.draft_tokens, t.draft_accepted_tokens
+    return Stream(start, first, end, completion.usage.completion_tokens, messages, t.draft_tokens, t.draft_accepted_tokens)
 
 
 def server_stream(connections: llama_server.Connections, prompt: str, n_predict: int, banned: dict[int, float]) -> Stream:
@@ -104,11 +116,14 @@ def server_stream(connections: llama_server.Connections, prompt: str, n_predict:
             continue
         messages += 1
         if first is None:
-            first = time.perf_counter() - start
+            first = time.perf_counter()
+    end = time.perf_counter()
     assert first is not None and final, "llama-server: no token, or no final event"
     timings = final.get("timings") or {}
-    return (
+    return Stream(
+        start,
         first,
+        end,
         int(final.get("tokens_predicted", 0)),
         messages,
         int(timings.get("draft_n", 0)),
@@ -146,19 +161,30 @@ def together(run_one: Callable[[], Stream], n: int) -> tuple[float, list[Stream]
 
 
 def cell(wall: float, streams: list[Stream]) -> dict[str, float]:
-    tokens = sum(s[1] for s in streams)
-    drafted, accepted = sum(s[3] for s in streams), sum(s[4] for s in streams)
+    """Aggregate decode tokens/s: every token after each stream's first, over the time from
+    the first first-token to the last stream's end (prefill left out, as in llama-server's
+    own predicted_per_second)."""
+    tokens = sum(s.tokens for s in streams)
+    decode_s = max(s.end for s in streams) - min(s.first for s in streams)
+    drafted, accepted = sum(s.drafted for s in streams), sum(s.accepted for s in streams)
     return {
-        "tok_s": tokens / wall,
-        "ttft_ms": 1000 * statistics.median(s[0] for s in streams),
+        "tok_s": sum(s.tokens - 1 for s in streams) / decode_s,
+        "wall_s": wall,
+        "ttft_ms": 1000 * statistics.median(s.first - s.sent for s in streams),
         "acceptance": accepted / drafted if drafted else 0.0,
         "drafted": drafted,
-        "messages_per_token": sum(s[2] for s in streams) / max(1, tokens),
+        "messages_per_token": sum(s.messages for s in streams) / max(1, tokens),
     }
 
 
 def measure(
-    crab: Client, server: llama_server.Connections, banned: dict[int, float], n_predict: int, reps: int
+    crab: Client,
+    server: llama_server.Connections,
+    banned: dict[int, float],
+    n_predict: int,
+    reps: int,
+    names: tuple[str, ...],
+    stream_counts: tuple[int, ...],
 ) -> dict[str, Any]:
     runs: dict[str, Callable[[str], Stream]] = {
         "crab-spec": lambda p: crab_stream(crab, p, n_predict, banned, True),
@@ -166,12 +192,17 @@ def measure(
         "server-spec": lambda p: server_stream(server, p, n_predict, banned),
     }
     results: dict[str, Any] = {}
+    warm = False
     for name, prompt in workloads().items():
-        for n in STREAMS:
+        if name not in names:
+            continue
+        for n in stream_counts:
             key = f"{name}/{n}"
             results[key] = {c: [] for c in CONFIGS}
-            for config in CONFIGS:  # warm-up, not recorded
-                together(lambda: runs[config](prompt), n)
+            if not warm:  # one warm-up round per configuration, not recorded
+                for config in CONFIGS:
+                    together(lambda: runs[config](prompt), 1)
+                warm = True
             for rep in range(reps):
                 order = CONFIGS[rep % 3 :] + CONFIGS[: rep % 3]
                 for config in order:
@@ -191,6 +222,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-build", action="store_true", help="fail rather than build llama-server when missing")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one stream may take (default: 600)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from bench/out/speculative.json")
+    parser.add_argument("--workloads", default="edit,json,story", help="comma list of edit, json, story")
+    parser.add_argument("--streams", default="1,4", help="comma list of concurrent stream counts (default: 1,4)")
+    parser.add_argument(
+        "--append", action="store_true", help="add these cells to bench/out/speculative.json instead of replacing it"
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         saved = json.loads((OUT / "speculative.json").read_text())
@@ -199,6 +235,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.reps < 1 or args.n_predict < 1:
         parser.error("--reps and --n-predict must be >= 1")
+    names = tuple(n.strip() for n in args.workloads.split(",") if n.strip())
+    if not names or not set(names) <= set(workloads()):
+        parser.error(f"--workloads: choose from {', '.join(workloads())}")
+    try:
+        stream_counts = tuple(int(n) for n in args.streams.split(","))
+    except ValueError:
+        parser.error("--streams: a comma list of integers")
+    if not stream_counts or not all(1 <= n <= PARALLEL for n in stream_counts):
+        parser.error(f"--streams: each between 1 and {PARALLEL}")
     from llama_crab import models
 
     model = models.ensure(args.model)
@@ -230,8 +275,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             )
         )  # fmt: skip
         banned = end_of_generation_bias(crab)
-        results["cells"] = measure(crab, llama_server.Connections(port, args.timeout), banned, args.n_predict, args.reps)
-    results["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        cells = measure(
+            crab, llama_server.Connections(port, args.timeout), banned, args.n_predict, args.reps, names, stream_counts
+        )
+    measured = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for cell_results in cells.values():
+        cell_results["measured"] = measured
+    previous = json.loads((OUT / "speculative.json").read_text()) if args.append else {}
+    results["cells"] = {**previous.get("cells", {}), **cells}
+    results["measured"] = measured
     results["load_after"] = load_average()
     (OUT / "speculative.json").write_text(json.dumps(results, indent=2))
     DOC.write_text(report(results))
@@ -257,24 +309,35 @@ def report(results: dict[str, Any]) -> str:
         f"load average before {load}. llama-server: `{results['llama_server_binary']}` at llama.cpp "
         f"`{results['pinned_commit']}`, `--spec-type {results['spec_type']}`. Medians, (min-max) over rounds.",
         "",
-        "| workload / streams | crab-spec tok/s | crab-plain tok/s | server-spec tok/s | spec / plain | spec / server "
-        "| acceptance crab, server | TTFT ms crab-spec, plain, server | messages/token crab-spec, server |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload / streams | crab-spec decode tok/s | crab-plain decode tok/s | server-spec decode tok/s | spec / plain | spec / server "
+        "| end to end: spec / plain, spec / server | acceptance crab, server | TTFT ms crab-spec, plain, server "
+        "| messages/token crab-spec, server |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, cells in results["cells"].items():
+        if cells.get("measured") and cells["measured"] != results["measured"]:
+            lines[4] += f" Row {key}: measured {cells['measured']}, {len(cells['crab-spec'])} round(s)."
         tps = {c: [r["tok_s"] for r in cells[c]] for c in CONFIGS}
         med = {c: statistics.median(v) for c, v in tps.items()}
         acc = {c: statistics.median(r["acceptance"] for r in cells[c]) for c in CONFIGS}
         ttft = {c: statistics.median(r["ttft_ms"] for r in cells[c]) for c in CONFIGS}
         mpt = {c: statistics.median(r["messages_per_token"] for r in cells[c]) for c in CONFIGS}
+        # End to end: the round's wall time, prefill included (the same work on every side).
+        wall = {c: statistics.median(r["wall_s"] for r in cells[c]) for c in CONFIGS}
         lines.append(
             f"| {key} | {median_range(tps['crab-spec'])} | {median_range(tps['crab-plain'])} | "
             f"{median_range(tps['server-spec'])} | {med['crab-spec'] / med['crab-plain']:.2f}x | "
-            f"{med['crab-spec'] / med['server-spec']:.2f}x | {acc['crab-spec']:.0%}, {acc['server-spec']:.0%} | "
+            f"{med['crab-spec'] / med['server-spec']:.2f}x | "
+            f"{wall['crab-plain'] / wall['crab-spec']:.2f}x, {wall['server-spec'] / wall['crab-spec']:.2f}x | "
+            f"{acc['crab-spec']:.0%}, {acc['server-spec']:.0%} | "
             f"{ttft['crab-spec']:.0f}, {ttft['crab-plain']:.0f}, {ttft['server-spec']:.0f} | "
             f"{mpt['crab-spec']:.2f}, {mpt['server-spec']:.2f} |"
         )
     lines += [
+        "",
+        "Decode tok/s: every stream's tokens after its first, over the time from the round's first "
+        "first-token to its last token; at 4 streams that window also holds the other streams' prefill, "
+        "so the end-to-end ratios (round wall time, prefill included) are shown beside it.",
         "",
         "Targets (issue 18): edit work at 1 stream >= 1.0x llama-server with the same type and >= 2x "
         "llama-crab without speculation; edit work at 4 streams >= 1.0x llama-server; the story >= 0.97x "
