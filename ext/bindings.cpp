@@ -65,7 +65,6 @@ NB_MODULE(_engine, m) {
         .def_rw("ngram_mod_n_match", &SpeculativeParams::ngram_mod_n_match)
         .def_rw("ngram_mod_n_min", &SpeculativeParams::ngram_mod_n_min)
         .def_rw("ngram_mod_n_max", &SpeculativeParams::ngram_mod_n_max);
-    m.def("speculative_type_names", &speculative_type_names, "llama.cpp's speculative type names, comma-separated.");
 
     nb::class_<EngineParams>(m, "EngineParams")
         .def(nb::init<>())

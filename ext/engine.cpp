@@ -9,6 +9,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "batch_add.h"
 #include "common.h"
 #include "grammar_guard.h"
 #include "json-schema-to-grammar.h"
@@ -24,15 +25,6 @@ namespace {
 
 double ms_between(Request::clock::time_point a, Request::clock::time_point b) {
     return std::chrono::duration<double, std::milli>(b - a).count();
-}
-
-void batch_add(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
-    const int32_t i = batch.n_tokens++;
-    batch.token[i] = token;
-    batch.pos[i] = pos;
-    batch.n_seq_id[i] = 1;
-    batch.seq_id[i][0] = seq;
-    batch.logits[i] = logits;
 }
 
 std::once_flag g_backend_once;

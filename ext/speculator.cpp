@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "batch_add.h"
 #include "common.h"
 #include "speculative.h"
 
@@ -26,10 +27,6 @@ void check_range(const char * field, int32_t value, int32_t lo, int32_t hi) {
 }
 
 }  // namespace
-
-std::string speculative_type_names() {
-    return common_speculative_all_types_str();
-}
 
 Speculator::Speculator(const SpeculativeParams & p, uint32_t n_seq, llama_context * ctx_tgt)
     : backoff_(n_seq), dft_n_past_(n_seq, 0) {
@@ -158,13 +155,8 @@ void Speculator::request(llama_seq_id seq, llama_token id_last, llama_pos pos0, 
             const int32_t n = std::min<int32_t>(pos0 - n_past, kCatchUpStep);
             llama_batch batch = llama_batch_init(n, 0, 1);
             for (int32_t i = 0; i < n; ++i) {
-                batch.token[i] = (*history)[static_cast<size_t>(n_past + i)];
-                batch.pos[i] = n_past + i;
-                batch.n_seq_id[i] = 1;
-                batch.seq_id[i][0] = seq;
-                batch.logits[i] = false;
+                batch_add(batch, (*history)[static_cast<size_t>(n_past + i)], n_past + i, seq, false);
             }
-            batch.n_tokens = n;
             const int32_t ret = llama_decode(ctx_dft_, batch);
             llama_batch_free(batch);
             if (ret != 0) {

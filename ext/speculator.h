@@ -40,9 +40,6 @@ struct SpeculativeParams {
     int32_t ngram_mod_n_max = 64;
 };
 
-// Names llama.cpp accepts for SpeculativeParams::types, comma-separated.
-std::string speculative_type_names();
-
 class Speculator {
 public:
     // Throws std::invalid_argument naming the field for an unknown type or a bad value.
