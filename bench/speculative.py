@@ -179,18 +179,20 @@ def cell(wall: float, streams: list[Stream]) -> dict[str, float]:
 
 def measure(
     crab: Client,
-    server: llama_server.Connections,
+    server: Optional[llama_server.Connections],
     banned: dict[int, float],
     n_predict: int,
     reps: int,
     names: tuple[str, ...],
     stream_counts: tuple[int, ...],
+    configs: tuple[str, ...] = CONFIGS,
 ) -> dict[str, Any]:
     runs: dict[str, Callable[[str], Stream]] = {
         "crab-spec": lambda p: crab_stream(crab, p, n_predict, banned, True),
         "crab-plain": lambda p: crab_stream(crab, p, n_predict, banned, False),
-        "server-spec": lambda p: server_stream(server, p, n_predict, banned),
     }
+    if server is not None:
+        runs["server-spec"] = lambda p: server_stream(server, p, n_predict, banned)
     results: dict[str, Any] = {}
     warm = False
     for name, prompt in workloads().items():
@@ -198,13 +200,14 @@ def measure(
             continue
         for n in stream_counts:
             key = f"{name}/{n}"
-            results[key] = {c: [] for c in CONFIGS}
+            results[key] = {c: [] for c in configs}
             if not warm:  # one warm-up round per configuration, not recorded
-                for config in CONFIGS:
+                for config in configs:
                     together(lambda: runs[config](prompt), 1)
                 warm = True
             for rep in range(reps):
-                order = CONFIGS[rep % 3 :] + CONFIGS[: rep % 3]
+                shift = rep % len(configs)
+                order = configs[shift:] + configs[:shift]
                 for config in order:
                     wall, streams = together(lambda: runs[config](prompt), n)
                     results[key][config].append(cell(wall, streams))
@@ -227,6 +230,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--append", action="store_true", help="add these cells to bench/out/speculative.json instead of replacing it"
     )
+    parser.add_argument(
+        "--crab-only",
+        action="store_true",
+        help="speculation against none, llama-server left out (no build); prints the cells and writes "
+        "bench/out/speculative-crab-only.json, not the report",
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         saved = json.loads((OUT / "speculative.json").read_text())
@@ -247,8 +256,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from llama_crab import models
 
     model = models.ensure(args.model)
-    binary = llama_bench.locate(args.llama_server, allow_build=not args.no_build, tool="llama-server")
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.crab_only:
+        return crab_only(args, model, names, stream_counts)
+    binary = llama_bench.locate(args.llama_server, allow_build=not args.no_build, tool="llama-server")
     results: dict[str, Any] = {
         "model": args.model,
         "threads": args.threads,
@@ -260,12 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "pinned_commit": llama_bench.pinned_commit(),
         "load_before": load_average(),
     }
-    crab_args = (
-        "--threads", str(args.threads), "--n-ctx", str(N_CTX), "--parallel", str(PARALLEL), "--spec-type",
-        args.spec_type, "--log-level", "warning",
-    )  # fmt: skip
     with contextlib.ExitStack() as stack:
-        proc, address = stack.enter_context(serve_process(model, OUT / "speculative.server.log", *crab_args))
+        proc, address = stack.enter_context(serve_process(model, OUT / "speculative.server.log", *crab_args(args)))
         crab = stack.enter_context(Client(address, timeout=args.timeout))
         port = free_port()
         stack.enter_context(
@@ -288,6 +295,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     (OUT / "speculative.json").write_text(json.dumps(results, indent=2))
     DOC.write_text(report(results))
     print(report(results))
+    return 0
+
+
+def crab_args(args: argparse.Namespace) -> tuple[str, ...]:
+    return (
+        "--threads", str(args.threads), "--n-ctx", str(N_CTX), "--parallel", str(PARALLEL), "--spec-type",
+        args.spec_type, "--log-level", "warning",
+    )  # fmt: skip
+
+
+def crab_only(args: argparse.Namespace, model: str, names: tuple[str, ...], stream_counts: tuple[int, ...]) -> int:
+    """Speculation on and off in the same server, interleaved: for tuning, where building
+    llama-server would take longer than the measurement."""
+    with contextlib.ExitStack() as stack:
+        _proc, address = stack.enter_context(serve_process(model, OUT / "speculative.server.log", *crab_args(args)))
+        crab = stack.enter_context(Client(address, timeout=args.timeout))
+        banned = end_of_generation_bias(crab)
+        cells = measure(
+            crab, None, banned, args.n_predict, args.reps, names, stream_counts, configs=("crab-spec", "crab-plain")
+        )
+    summary = {}
+    for key, by_config in cells.items():
+        spec = statistics.median(c["tok_s"] for c in by_config["crab-spec"])
+        plain = statistics.median(c["tok_s"] for c in by_config["crab-plain"])
+        summary[key] = {"spec_tok_s": spec, "plain_tok_s": plain, "spec_over_plain": spec / plain}
+        print(f"{key}: spec {spec:.1f} tok/s, plain {plain:.1f} tok/s, {spec / plain:.2f}x")
+    out = {"cpu": cpu_name(), "threads": args.threads, "reps": args.reps, "cells": cells, "summary": summary}
+    (OUT / "speculative-crab-only.json").write_text(json.dumps(out, indent=2))
     return 0
 
 

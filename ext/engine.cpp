@@ -175,6 +175,7 @@ Engine::Engine(const EngineParams & params)
     if (params.cache_prompt && params.cache_ram_bytes > 0) {
         ram_cache_ = std::make_unique<PromptCache>(static_cast<size_t>(params.cache_ram_bytes));
     }
+    if (speculator_->enabled()) calibrate_step_cost();
     thread_ = std::thread(&Engine::run, this);
 }
 
@@ -583,6 +584,31 @@ bool Engine::abort_callback(void * data) {
     return abort;
 }
 
+void Engine::calibrate_step_cost() {
+    // Speculation weighs a drafted row against what a row costs. Until drafts have varied
+    // the batch size there is nothing to learn that from, so time a step of one row and one
+    // of several before serving: a few decodes on a sequence nobody holds yet.
+    const int32_t rows = std::min({9, static_cast<int32_t>(llama_n_batch(ctx_)), n_ctx_seq_ - 1});
+    if (rows < 2) return;
+    const llama_token bos = llama_vocab_bos(vocab_);
+    const llama_token token = bos >= 0 ? bos : 0;
+    auto time_decode = [&](int32_t n) {
+        batch_.n_tokens = 0;
+        for (int32_t i = 0; i < n; ++i) batch_add(batch_, token, i, 0, true);
+        const auto start = Request::clock::now();
+        const int32_t ret = llama_decode(ctx_, batch_);
+        const double seconds = ms_between(start, Request::clock::now()) / 1e3;
+        llama_memory_seq_rm(llama_get_memory(ctx_), 0, -1, -1);
+        batch_.n_tokens = 0;
+        return ret == 0 ? seconds : -1.0;
+    };
+    time_decode(rows);  // the first decode also sets up buffers: not what a step costs
+    for (int rep = 0; rep < 2; ++rep) {
+        step_cost_.add_prior(1, time_decode(1));
+        step_cost_.add_prior(rows, time_decode(rows));
+    }
+}
+
 void Engine::request_drafts(int32_t n_batch) {
     // Every decoding sequence that speculates asks for a draft to follow its sampled token;
     // llama.cpp drafts them all in one call. The rows they take are shared fairly, and a
@@ -599,11 +625,19 @@ void Engine::request_drafts(int32_t n_batch) {
     const int32_t reserve = prefilling ? std::min(n_batch, step) : 0;
     const int32_t rows_each =
         (n_batch - reserve - static_cast<int32_t>(decoding.size())) / static_cast<int32_t>(decoding.size());
+    // A drafted row pays only if it is accepted more often than the share of the step one
+    // more row costs: near 0 for one stream on a GPU, near 1 for a CPU batch of several.
+    int32_t prompt_rows = 0;
+    for (const auto & s : slots_) {
+        if (s.state == SlotState::PREFILLING) prompt_rows += static_cast<int32_t>(s.req->prompt.size() - s.n_prompt_done);
+    }
+    const int32_t base_rows = static_cast<int32_t>(decoding.size()) + std::min(prompt_rows, reserve);
+    const double break_even = step_cost_.break_even_acceptance(base_rows);
     bool any = false;
     for (Slot * slot : decoding) {
         slot->draft.clear();
         if (!slot->req->params.speculative) continue;
-        const int32_t allowance = speculator_->draft_allowance(slot->seq.id);
+        const int32_t allowance = speculator_->draft_allowance(slot->seq.id, break_even);
         if (allowance == 0) continue;
         const int32_t left = slot->req->params.max_tokens - static_cast<int32_t>(slot->generated.size()) - 1;
         const int32_t room = n_ctx_seq_ - slot->n_past - 1;
@@ -662,6 +696,7 @@ bool Engine::build_batch() {
                                     ? std::min(n_batch, static_cast<int32_t>(params_.prefill_step_tokens))
                                     : n_batch;
     int32_t prefilled = 0;
+    batch_prefill_rows_ = 0;
     for (Slot * slot : prefilling) {
         const int32_t budget = std::min(n_batch - batch_.n_tokens, prefill_cap - prefilled);
         if (budget <= 0) break;
@@ -676,6 +711,7 @@ bool Engine::build_batch() {
         }
         slot->n_prompt_done += n;
         prefilled += static_cast<int32_t>(n);
+        batch_prefill_rows_ += static_cast<int32_t>(n);
         slot->i_batch = last_piece ? batch_.n_tokens - 1 : -1;
         slot->in_batch = true;
     }
@@ -997,7 +1033,13 @@ void Engine::run() {
             continue;
         }
         governor_.before_decode();
+        const auto decode_start = Request::clock::now();
         const int32_t ret = llama_decode(ctx_, batch_);
+        // Decode-only steps teach speculation what a row costs (a prompt's rows are cheaper
+        // per row, and would make drafting look cheaper than it is).
+        if (ret == 0 && batch_prefill_rows_ == 0 && speculator_->enabled()) {
+            step_cost_.observe(batch_.n_tokens, ms_between(decode_start, Request::clock::now()) / 1e3);
+        }
         const int32_t threads = governor_.after_decode();
         if (params_.adaptive_threads && threads != n_threads_now_) {
             n_threads_now_ = threads;
@@ -1200,3 +1242,4 @@ Metrics Engine::metrics() const {
 }
 
 }  // namespace llama_crab
+

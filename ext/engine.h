@@ -26,6 +26,7 @@
 #include "prompt_cache.h"
 #include "request.h"
 #include "speculator.h"
+#include "step_cost.h"
 #include "thread_governor.h"
 
 namespace llama_crab {
@@ -161,6 +162,7 @@ private:
     int32_t sample_slot(Slot & slot);
     bool take_token(Slot & slot, llama_token id, int32_t row, std::string & text);
     void request_drafts(int32_t n_batch);
+    void calibrate_step_cost();
     void emit(Slot & slot, const std::string & text);
     void push_chunk(Slot & slot, Event ev);
     void finish_chat(Slot & slot);
@@ -188,6 +190,8 @@ private:
     int32_t n_ctx_seq_ = 0;
     std::unique_ptr<ChatTemplates> chat_templates_;
     std::unique_ptr<Speculator> speculator_;  // scheduler thread only, after construction
+    StepCostModel step_cost_;                 // scheduler thread only: decode-only steps
+    int32_t batch_prefill_rows_ = 0;          // prompt rows in the batch being built
     ThreadGovernor governor_;        // scheduler thread only
     int32_t n_threads_now_ = 0;      // scheduler thread only
     std::atomic<int32_t> n_threads_active_{0};

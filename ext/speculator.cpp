@@ -19,6 +19,14 @@ constexpr int32_t kCatchUpStep = 128;
 // kMaxSkip) before drafting again; an accepted token resets it.
 constexpr int32_t kMaxSkip = 32;
 
+// A sequence's acceptance rate weighs each earlier draft this much less per later one.
+constexpr double kAcceptanceDecay = 0.7;
+// A sequence whose drafts do not pay for their rows probes with one token this often.
+constexpr int32_t kProbeEvery = 16;
+// A sequence's first draft: an n-gram match in text that does not repeat itself can
+// propose dozens of tokens, and one such draft per stream can cost more than a step.
+constexpr int32_t kFirstDraftCap = 8;
+
 void check_range(const char * field, int32_t value, int32_t lo, int32_t hi) {
     if (value < lo || value > hi) {
         throw std::invalid_argument(std::string(field) + ": must be between " + std::to_string(lo) + " and " +
@@ -119,6 +127,7 @@ Speculator::~Speculator() {
 void Speculator::begin(llama_seq_id seq, const std::vector<llama_token> & history) {
     if (!spec_) return;
     backoff_[static_cast<size_t>(seq)] = Backoff{};
+    backoff_[static_cast<size_t>(seq)].cap = kFirstDraftCap;
     common_speculative_begin(spec_, seq, history);
 }
 
@@ -131,14 +140,25 @@ void Speculator::truncate(llama_seq_id seq, llama_pos n_keep) {
     }
 }
 
-int32_t Speculator::draft_allowance(llama_seq_id seq) {
+int32_t Speculator::draft_allowance(llama_seq_id seq, double break_even) {
     if (!spec_) return 0;
     auto & b = backoff_[static_cast<size_t>(seq)];
     if (b.skip > 0) {
         b.skip--;
         return 0;
     }
+    if (acceptance(seq) <= break_even) {
+        if (++b.steps_below_break_even < kProbeEvery) return 0;
+        b.steps_below_break_even = 0;
+        return 1;
+    }
+    b.steps_below_break_even = 0;
     return b.cap;
+}
+
+double Speculator::acceptance(llama_seq_id seq) const {
+    const auto & b = backoff_[static_cast<size_t>(seq)];
+    return b.drafted > 0 ? b.accepted / b.drafted : 1.0;
 }
 
 void Speculator::request(llama_seq_id seq, llama_token id_last, llama_pos pos0, const std::vector<llama_token> * history,
@@ -188,10 +208,18 @@ void Speculator::accept(llama_seq_id seq, int32_t n_drafted, int32_t n_accepted)
     common_speculative_accept(spec_, seq, static_cast<uint16_t>(std::min(n_accepted, 65535)));
     // A draft costs its rows in the batch: after one that gained nothing, draft less often.
     auto & b = backoff_[static_cast<size_t>(seq)];
+    b.drafted = b.drafted * kAcceptanceDecay + n_drafted;
+    b.accepted = b.accepted * kAcceptanceDecay + n_accepted;
     if (n_accepted > 0) {
-        b = Backoff{};
+        b.skip = b.penalty = 0;
         // Verifying costs every drafted row, accepted or not: draft about what was accepted.
-        if (n_accepted < n_drafted) b.cap = 2 * n_accepted + 1;
+        // A draft accepted whole lets the next be twice as long, so a one-token probe that
+        // happens to land does not buy a full-length draft.
+        if (n_accepted < n_drafted) {
+            b.cap = 2 * n_accepted + 1;
+        } else {
+            b.cap = std::max(b.cap, 2 * n_drafted + 1);
+        }
     } else if (n_drafted > 0) {
         b.penalty = std::min(kMaxSkip, std::max(1, b.penalty * 2));
         b.skip = b.penalty;
@@ -200,3 +228,4 @@ void Speculator::accept(llama_seq_id seq, int32_t n_drafted, int32_t n_accepted)
 }
 
 }  // namespace llama_crab
+

@@ -60,8 +60,13 @@ public:
     // How many tokens `seq` may draft this step: 0 while it backs off after drafts that
     // gained nothing (each call counts one step of the backoff); after a draft accepted only
     // in part, twice the part accepted plus one, so a draft that keeps failing early costs
-    // few rows; unbounded (-1) after one accepted whole.
-    int32_t draft_allowance(llama_seq_id seq);
+    // few rows; after one accepted whole, up to twice its length plus one. A sequence starts
+    // at a short draft and grows the limit while its drafts land. A sequence whose recent drafts were
+    // accepted at no more than `break_even` (the share of a step one more row costs) drafts
+    // only a one-token probe now and then, so it learns when drafting pays again.
+    int32_t draft_allowance(llama_seq_id seq, double break_even);
+    // The share of this sequence's recent drafted tokens that were accepted (1 before any).
+    double acceptance(llama_seq_id seq) const;
     // Ask for a draft of at most `n_max` tokens following `id_last` (at position `pos0`),
     // `history` being every token before it. Then one draft() fills every `out`. A draft
     // model first catches up on the history it has not seen (a bounded piece per step,
@@ -79,7 +84,10 @@ private:
     struct Backoff {
         int32_t skip = 0;      // steps left without drafting
         int32_t penalty = 0;   // the next skip after a draft that did not pay
-        int32_t cap = -1;      // longest draft allowed next (-1: no cap)
+        int32_t cap = -1;      // longest draft allowed next (-1: no cap, before begin())
+        // Recent drafted and accepted tokens, older drafts weighing less.
+        double drafted = 0, accepted = 0;
+        int32_t steps_below_break_even = 0;
     };
 
     common_speculative * spec_ = nullptr;
