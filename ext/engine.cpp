@@ -585,9 +585,8 @@ bool Engine::abort_callback(void * data) {
 }
 
 void Engine::calibrate_step_cost() {
-    // Speculation weighs a drafted row against what a row costs. Until drafts have varied
-    // the batch size there is nothing to learn that from, so time a step of one row and one
-    // of several before serving: a few decodes on a sequence nobody holds yet.
+    // Speculation weighs a drafted row against what a row costs: time a step of one row and
+    // one of several before serving (a few decodes on a sequence nobody holds yet).
     const int32_t rows = std::min({9, static_cast<int32_t>(llama_n_batch(ctx_)), n_ctx_seq_ - 1});
     if (rows < 2) return;
     const llama_token bos = llama_vocab_bos(vocab_);
@@ -604,8 +603,8 @@ void Engine::calibrate_step_cost() {
     };
     time_decode(rows);  // the first decode also sets up buffers: not what a step costs
     for (int rep = 0; rep < 2; ++rep) {
-        step_cost_.add_prior(1, time_decode(1));
-        step_cost_.add_prior(rows, time_decode(rows));
+        step_cost_.add_measurement(1, time_decode(1));
+        step_cost_.add_measurement(rows, time_decode(rows));
     }
 }
 
@@ -696,7 +695,6 @@ bool Engine::build_batch() {
                                     ? std::min(n_batch, static_cast<int32_t>(params_.prefill_step_tokens))
                                     : n_batch;
     int32_t prefilled = 0;
-    batch_prefill_rows_ = 0;
     for (Slot * slot : prefilling) {
         const int32_t budget = std::min(n_batch - batch_.n_tokens, prefill_cap - prefilled);
         if (budget <= 0) break;
@@ -711,7 +709,6 @@ bool Engine::build_batch() {
         }
         slot->n_prompt_done += n;
         prefilled += static_cast<int32_t>(n);
-        batch_prefill_rows_ += static_cast<int32_t>(n);
         slot->i_batch = last_piece ? batch_.n_tokens - 1 : -1;
         slot->in_batch = true;
     }
@@ -1033,13 +1030,7 @@ void Engine::run() {
             continue;
         }
         governor_.before_decode();
-        const auto decode_start = Request::clock::now();
         const int32_t ret = llama_decode(ctx_, batch_);
-        // Decode-only steps teach speculation what a row costs (a prompt's rows are cheaper
-        // per row, and would make drafting look cheaper than it is).
-        if (ret == 0 && batch_prefill_rows_ == 0 && speculator_->enabled()) {
-            step_cost_.observe(batch_.n_tokens, ms_between(decode_start, Request::clock::now()) / 1e3);
-        }
         const int32_t threads = governor_.after_decode();
         if (params_.adaptive_threads && threads != n_threads_now_) {
             n_threads_now_ = threads;

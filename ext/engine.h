@@ -190,8 +190,7 @@ private:
     int32_t n_ctx_seq_ = 0;
     std::unique_ptr<ChatTemplates> chat_templates_;
     std::unique_ptr<Speculator> speculator_;  // scheduler thread only, after construction
-    StepCostModel step_cost_;                 // scheduler thread only: decode-only steps
-    int32_t batch_prefill_rows_ = 0;          // prompt rows in the batch being built
+    StepCostModel step_cost_;                 // measured at start, then read-only
     ThreadGovernor governor_;        // scheduler thread only
     int32_t n_threads_now_ = 0;      // scheduler thread only
     std::atomic<int32_t> n_threads_active_{0};

@@ -20,7 +20,7 @@ constexpr int32_t kCatchUpStep = 128;
 constexpr int32_t kMaxSkip = 32;
 
 // A sequence's acceptance rate weighs each earlier draft this much less per later one.
-constexpr double kAcceptanceDecay = 0.7;
+constexpr double kAcceptanceDecay = 0.85;
 // A sequence whose drafts do not pay for their rows probes with one token this often.
 constexpr int32_t kProbeEvery = 16;
 // A sequence's first draft: an n-gram match in text that does not repeat itself can
@@ -148,9 +148,9 @@ int32_t Speculator::draft_allowance(llama_seq_id seq, double break_even) {
         return 0;
     }
     if (acceptance(seq) <= break_even) {
-        if (++b.steps_below_break_even < kProbeEvery) return 0;
-        b.steps_below_break_even = 0;
-        return 1;
+        // The count restarts when a probe is verified (accept()), not here: a probe that
+        // found no n-gram to propose is tried again next step.
+        return ++b.steps_below_break_even < kProbeEvery ? 0 : 1;
     }
     b.steps_below_break_even = 0;
     return b.cap;
@@ -158,7 +158,8 @@ int32_t Speculator::draft_allowance(llama_seq_id seq, double break_even) {
 
 double Speculator::acceptance(llama_seq_id seq) const {
     const auto & b = backoff_[static_cast<size_t>(seq)];
-    return b.drafted > 0 ? b.accepted / b.drafted : 1.0;
+    // Half a token of prior: one rejected draft does not make a sequence certain to fail.
+    return b.drafted > 0 ? (b.accepted + 0.5) / (b.drafted + 1.0) : 1.0;
 }
 
 void Speculator::request(llama_seq_id seq, llama_token id_last, llama_pos pos0, const std::vector<llama_token> * history,
@@ -208,6 +209,7 @@ void Speculator::accept(llama_seq_id seq, int32_t n_drafted, int32_t n_accepted)
     common_speculative_accept(spec_, seq, static_cast<uint16_t>(std::min(n_accepted, 65535)));
     // A draft costs its rows in the batch: after one that gained nothing, draft less often.
     auto & b = backoff_[static_cast<size_t>(seq)];
+    b.steps_below_break_even = 0;
     b.drafted = b.drafted * kAcceptanceDecay + n_drafted;
     b.accepted = b.accepted * kAcceptanceDecay + n_accepted;
     if (n_accepted > 0) {

@@ -1,9 +1,11 @@
-// What one decode step costs, by the rows in its batch: a line fitted to recent steps
-// (time = fixed + per_row * rows), forgetting old steps so that it follows the host's load.
+// What one decode step costs, by the rows in its batch: a line (time = fixed + per_row *
+// rows) through steps of two sizes timed once, when the engine starts.
 //
 // Speculation uses it to decide whether a draft is worth its rows: on a CPU a row of a
 // batch is far from free, and once a batch holds several streams every drafted row costs
-// nearly what a sampled one does.
+// nearly what a sampled one does. It is measured once and then fixed, not followed step by
+// step: what a request drafts then depends only on its tokens and its batch, never on the
+// clock, so a seeded or greedy request gives the same tokens every time it is repeated.
 #pragma once
 
 #include <cstdint>
@@ -12,13 +14,9 @@ namespace llama_crab {
 
 class StepCostModel {
 public:
-    // Steps measured once at start (two sizes at least), weighing as a few steps forever:
-    // they keep the slope known while every step has the same size, which is exactly
-    // when drafting stopped because it did not pay.
-    void add_prior(int32_t rows, double seconds);
-    // One decode of `rows` rows took `seconds`.
-    void observe(int32_t rows, double seconds);
-    // Whether the steps seen so far differ enough in size to tell the two costs apart.
+    // A decode of `rows` rows took `seconds` (call with at least two sizes).
+    void add_measurement(int32_t rows, double seconds);
+    // Whether the measurements differ enough in size to tell the two costs apart.
     bool ready() const;
     double fixed_seconds() const;
     double per_row_seconds() const;
@@ -27,19 +25,11 @@ public:
     // The share of a step's cost one more row adds to a batch of `rows` rows: a drafted
     // row that will be accepted with probability p raises throughput only when p exceeds
     // this (tokens per second (E + p) / (T + c) > E / T  <=>  p > E c / T, with E = rows).
-    // 0 while not ready(): speculate, and learn the costs from it.
+    // 0 while not ready(): speculate freely.
     double break_even_acceptance(int32_t rows) const;
 
 private:
-    struct Sums {
-        double w = 0, x = 0, y = 0, xx = 0, xy = 0;
-        void add(double weight, double rows, double seconds);
-        void decay(double factor);
-    };
-    Sums all() const;
-
-    Sums prior_;   // fixed
-    Sums recent_;  // exponentially weighted (x = rows, y = seconds)
+    double w_ = 0, sx_ = 0, sy_ = 0, sxx_ = 0, sxy_ = 0;  // sums over (rows, seconds)
 };
 
 }  // namespace llama_crab

@@ -48,6 +48,10 @@ EDIT_PROMPT = (
     "Rewrite the code below, renaming `subtotal` to `net`. Reply with the code only.\n\n"
     f"```python\n{CODE}```\n\n```python\n"
 )
+# The code twice, then a third copy begun: every catalogue model copies this one (smollm2
+# does not follow the edit instruction above), so the limit tests below land inside runs
+# of accepted drafts.
+COPY_PROMPT = f"```python\n{CODE}```\n\n```python\n{CODE}```\n\n```python\n"
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
 NGRAM = Speculative(types=("ngram-simple",), ngram_size_n=4, ngram_size_m=16)
 
@@ -171,23 +175,23 @@ def test_prefix_cache_and_concurrency_keep_the_output(spec_llama: Llama) -> None
 
 
 def test_max_tokens_lands_exactly_inside_accepted_runs(spec_llama: Llama) -> None:
-    full = spec_llama.create_completion(EDIT_PROMPT, COLD)
+    full = spec_llama.create_completion(COPY_PROMPT, COLD)
     assert full.timings.draft_accepted_tokens > 0
     for n in (5, 17, 33):
         # Drafts near the limit are shorter, so the last steps' batches differ: near-ties only.
-        cut = spec_llama.create_completion(EDIT_PROMPT, CompletionOptions(n, cache_prompt=False))
+        cut = spec_llama.create_completion(COPY_PROMPT, CompletionOptions(n, cache_prompt=False))
         assert cut.stop_reason is StopReason.LENGTH and cut.usage.completion_tokens == n == len(cut.token_ids)
-        same_or_near_tie(spec_llama, EDIT_PROMPT, full, cut)
+        same_or_near_tie(spec_llama, COPY_PROMPT, full, cut)
 
 
 def test_stop_sequence_inside_an_accepted_run(spec_llama: Llama) -> None:
-    full = spec_llama.create_completion(EDIT_PROMPT, COLD)
+    full = spec_llama.create_completion(COPY_PROMPT, COLD)
     assert full.timings.draft_accepted_tokens > 0
     # A stop string from the middle of the output, where drafted tokens were accepted. Stop
     # strings do not change what is drafted, so the batches are the same: exact equality.
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 6]
     at = full.text.index(stop)
-    cut = spec_llama.create_completion(EDIT_PROMPT, CompletionOptions(96, cache_prompt=False, stop_sequences=(stop,)))
+    cut = spec_llama.create_completion(COPY_PROMPT, CompletionOptions(96, cache_prompt=False, stop_sequences=(stop,)))
     assert cut.stop_reason is StopReason.STOP_SEQUENCE
     assert cut.text == full.text[:at]
 
@@ -205,7 +209,7 @@ def test_stop_in_the_middle_of_a_run_keeps_exactly_the_delivered_text(spec_llama
         delivered.append(chunk.text)
         return StreamControl.STOP if len(chunk.token_ids) > 1 else StreamControl.CONTINUE
 
-    completion = spec_llama.create_completion_stream(EDIT_PROMPT, CompletionOptions(160), callback)
+    completion = spec_llama.create_completion_stream(COPY_PROMPT, CompletionOptions(160), callback)
     assert completion.stop_reason is StopReason.CANCELLED
     assert completion.text == "".join(delivered)
     assert len(completion.token_ids) > 1
@@ -260,8 +264,9 @@ def test_the_target_as_its_own_draft_model_is_accepted(model_path: str) -> None:
         plain = llama.create_completion(EDIT_PROMPT, CompletionOptions(64, speculative=False))
         fast = llama.create_completion(EDIT_PROMPT, CompletionOptions(64))
         t = fast.timings
-        # Greedy draft and greedy target agree except at near-ties of their arithmetic.
-        assert t.draft_tokens > 0 and t.draft_accepted_tokens >= 0.9 * t.draft_tokens, t
+        # Greedy draft and greedy target agree except at near-ties of their arithmetic: at
+        # most one draft (8 tokens) is turned down where the two parted.
+        assert t.draft_tokens >= 16 and t.draft_tokens - t.draft_accepted_tokens <= 8, t
         same_or_near_tie(llama, EDIT_PROMPT, plain, fast)
         # After the cache served the prompt, the draft model catches up on it and still drafts.
         again = llama.create_completion(EDIT_PROMPT, CompletionOptions(64))
