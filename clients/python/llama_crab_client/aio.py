@@ -23,8 +23,8 @@ from .chat import ChatCompletion, ChatMessage, ChatRequest, ResponseFormat, Tool
 from .chat_stream import AsyncChatCallback, AsyncRemoteChatStream, run_async_chat_stream
 from .callbacks import run_async_stream
 from .channel import ClientBase
-from .errors import InternalError
 from .status import from_rpc_error
+from .stream_state import CompletionStreamState
 from .chat_session import AsyncChatSession
 from .session import AsyncSession
 from .types import (
@@ -33,7 +33,6 @@ from .types import (
     CompletionOptions,
     ModelInfo,
     StreamControl,
-    completion_from_delivered,
 )
 from .v1 import llama_crab_pb2 as pb
 from .v1 import llama_crab_pb2_grpc as pb_grpc
@@ -59,52 +58,34 @@ class AsyncRemoteCompletionStream:
 
     def __init__(self, call: Any, logprobs_requested: bool, prompt_tokens: int) -> None:
         self._call = call  # grpc.aio.UnaryStreamCall
-        self._logprobs = logprobs_requested
-        self._prompt_tokens = prompt_tokens
-        self._delivered: list[Chunk] = []
-        self._clock = StreamClock()
-        self._finished = False
-        self.completion: Optional[Completion] = None
+        self._state = CompletionStreamState(logprobs_requested, prompt_tokens)
+
+    @property
+    def completion(self) -> Optional[Completion]:
+        return self._state.completion
 
     def __aiter__(self) -> AsyncRemoteCompletionStream:
         return self
 
     async def __anext__(self) -> Chunk:
-        if self._finished:
+        if self._state.finished:
             raise StopAsyncIteration
         try:
             message = await self._call.read()
         except grpc.RpcError as e:
-            self._finished = True
-            raise from_rpc_error(e) from None
-        if message is grpc.aio.EOF:
-            self._finished = True
-            raise InternalError("the server ended the stream without a final Completion")
-        if message.WhichOneof("response") == "chunk" and message.chunk.prompt_tokens:
-            self._prompt_tokens = message.chunk.prompt_tokens  # sent on the first chunk
-        event = convert.complete_response_from_proto(message, self._logprobs)
-        if isinstance(event, Completion):
-            self._finished = True
-            self.completion = event
+            raise self._state.failed(e) from None
+        chunk = self._state.receive(None if message is grpc.aio.EOF else message)
+        if chunk is None:
             await end_call_async(self._call)
             raise StopAsyncIteration
-        self._clock.chunk()
-        self._delivered.append(event)
-        return event
+        return chunk
 
     async def close(self) -> Completion:
         """Stop now (if not finished) and return the Completion of what was delivered."""
-        if self.completion is None:
-            self._finished = True
+        if self._state.completion is None:
             self._call.cancel()
-            self.completion = completion_from_delivered(
-                None,
-                self._delivered,
-                prompt_tokens=self._prompt_tokens,
-                timings=self._clock.timings(),
-                logprobs_requested=self._logprobs,
-            )
-        return self.completion
+            return self._state.cut_short()
+        return self._state.completion
 
     async def __aenter__(self) -> AsyncRemoteCompletionStream:
         return self
@@ -118,7 +99,8 @@ class AsyncRemoteCompletionStream:
         await self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_finished", True):
+        state = getattr(self, "_state", None)
+        if state is not None and not state.finished:
             try:
                 self._call.cancel()
             except Exception:  # loop already closed: the channel's close cancels it

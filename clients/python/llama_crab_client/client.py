@@ -25,8 +25,8 @@ from .chat import ChatCompletion, ChatCompletionCallback, ChatMessage, ChatReque
 from .chat_stream import RemoteChatStream, run_chat_stream
 from .callbacks import run_stream
 from .channel import ClientBase
-from .errors import InternalError
 from .status import from_rpc_error
+from .stream_state import CompletionStreamState
 from .chat_session import ChatSession
 from .session import Session
 from .types import (
@@ -35,7 +35,6 @@ from .types import (
     CompletionCallback,
     CompletionOptions,
     ModelInfo,
-    completion_from_delivered,
 )
 from .v1 import llama_crab_pb2 as pb
 from .v1 import llama_crab_pb2_grpc as pb_grpc
@@ -56,52 +55,36 @@ class RemoteCompletionStream:
 
     def __init__(self, call: Any, logprobs_requested: bool, prompt_tokens: int) -> None:
         self._call = call  # grpc's stream call: an iterator of responses with cancel()
-        self._logprobs = logprobs_requested
-        self._prompt_tokens = prompt_tokens
-        self._delivered: list[Chunk] = []
-        self._clock = StreamClock()
-        self._finished = False
-        self.completion: Optional[Completion] = None
+        self._state = CompletionStreamState(logprobs_requested, prompt_tokens)
+
+    @property
+    def completion(self) -> Optional[Completion]:
+        return self._state.completion
 
     def __iter__(self) -> RemoteCompletionStream:
         return self
 
     def __next__(self) -> Chunk:
-        if self._finished:
+        if self._state.finished:
             raise StopIteration
         try:
             message = next(self._call)
         except StopIteration:
-            self._finished = True
-            raise InternalError("the server ended the stream without a final Completion") from None
+            message = None
         except grpc.RpcError as e:
-            self._finished = True
-            raise from_rpc_error(e) from None
-        if message.WhichOneof("response") == "chunk" and message.chunk.prompt_tokens:
-            self._prompt_tokens = message.chunk.prompt_tokens  # sent on the first chunk
-        event = convert.complete_response_from_proto(message, self._logprobs)
-        if isinstance(event, Completion):
-            self._finished = True
-            self.completion = event
+            raise self._state.failed(e) from None
+        chunk = self._state.receive(message)
+        if chunk is None:
             end_call(self._call)
             raise StopIteration
-        self._clock.chunk()
-        self._delivered.append(event)
-        return event
+        return chunk
 
     def close(self) -> Completion:
         """Stop now (if not finished) and return the Completion of what was delivered."""
-        if self.completion is None:
-            self._finished = True
+        if self._state.completion is None:
             self._call.cancel()
-            self.completion = completion_from_delivered(
-                None,
-                self._delivered,
-                prompt_tokens=self._prompt_tokens,
-                timings=self._clock.timings(),
-                logprobs_requested=self._logprobs,
-            )
-        return self.completion
+            return self._state.cut_short()
+        return self._state.completion
 
     def __enter__(self) -> RemoteCompletionStream:
         return self
@@ -115,7 +98,8 @@ class RemoteCompletionStream:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_finished", True):
+        state = getattr(self, "_state", None)
+        if state is not None and not state.finished:
             try:
                 self._call.cancel()
             except Exception:  # interpreter shutdown: nothing useful to do
