@@ -76,7 +76,7 @@ def serve_process(model: str, log: Path, *args: str) -> Iterator[tuple[subproces
     port = free_port()
     cmd = [
         sys.executable, "-m", "llama_crab.cli", "serve", "--model", model, "--host", "127.0.0.1",
-        "--port", str(port), *args,
+        "--port", str(port), "--http-port", "0", *args,
     ]  # fmt: skip
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     with log.open("wb") as log_file:

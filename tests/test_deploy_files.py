@@ -160,7 +160,8 @@ def test_dockerfile_runtime_stage(dockerfile: Path) -> None:
     # Every LLAMA_CRAB_* it sets is one `serve` reads (or the model cache's).
     known = {o.env for o in OPTIONS} | {"LLAMA_CRAB_CACHE"}
     assert {k for k in env if k.startswith("LLAMA_CRAB_")} <= known
-    assert f"{env['LLAMA_CRAB_PORT']} {env['LLAMA_CRAB_METRICS_PORT']}" == settings["EXPOSE"]
+    ports = (env["LLAMA_CRAB_PORT"], env["LLAMA_CRAB_HTTP_PORT"], env["LLAMA_CRAB_METRICS_PORT"])
+    assert " ".join(ports) == settings["EXPOSE"]
     assert any(kw == "COPY" and "--chown=10001:10001" in a and a.endswith("/models /models") for kw, a in runtime)
 
 
@@ -307,6 +308,9 @@ def test_services_headless_for_round_robin_and_cluster_ip_for_a_mesh() -> None:
         assert spec["selector"].items() <= pod_labels.items()
         grpc_port = next(p for p in spec["ports"] if p["name"] == "grpc")
         assert grpc_port["port"] == 50051 and grpc_port["appProtocol"] == "grpc"
+        # The OpenAI-compatible HTTP API beside it (docs/http.md).
+        http_port = next(p for p in spec["ports"] if p["name"] == "http")
+        assert http_port["port"] == 8080 and http_port["targetPort"] == "http"
     (pdb,) = k8s_kind("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     annotations = k8s_kind("Deployment")[0]["spec"]["template"]["metadata"]["annotations"]

@@ -186,6 +186,7 @@ class Replica:
             "LLAMA_CRAB_HOST": "127.0.0.1",
             "LLAMA_CRAB_PORT": str(self.port),
             "LLAMA_CRAB_METRICS_PORT": str(self.metrics_port),
+            "LLAMA_CRAB_HTTP_PORT": "0",  # three replicas on one host: no shared default port
             "LLAMA_CRAB_N_CTX": "1024",
             "LLAMA_CRAB_PARALLEL": "4",
             "LLAMA_CRAB_THREADS": "1",  # three replicas share two cores

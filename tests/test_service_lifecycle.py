@@ -195,7 +195,7 @@ def _wait_for_event(
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_sigterm_drains_an_in_flight_stream_and_exits_0(model_path: str, event_loop: str) -> None:
     env = {**os.environ, "LLAMA_CRAB_LOG_FORMAT": "json"}  # the env twin of --log-format
-    command = [sys.executable, "-m", "llama_crab.cli", "serve", "--model", model_path, "--port", "0"]
+    command = [sys.executable, "-m", "llama_crab.cli", "serve", "--model", model_path, "--port", "0", "--http-port", "0"]
     command += ["--n-ctx", "1024", "--parallel", "2", "--grace", "60", "--event-loop", event_loop]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:

@@ -34,6 +34,7 @@ __all__ = [
     "chat_completion_from_delivered",
     "message_from_deltas",
     "new_chat_id",
+    "usage_to_openai",
 ]
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -363,7 +364,8 @@ class ChatDelta:
         return out
 
 
-def _usage_openai(usage: Usage) -> dict[str, Any]:
+def usage_to_openai(usage: Usage) -> dict[str, Any]:
+    """OpenAI's `usage` object (chat and completions alike)."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -398,7 +400,7 @@ class ChatChunk:
             ],
         }
         if self.usage is not None:
-            out["usage"] = _usage_openai(self.usage)
+            out["usage"] = usage_to_openai(self.usage)
         return out
 
 
@@ -424,7 +426,7 @@ class ChatCompletion:
             "choices": [
                 {"index": 0, "message": self.message.to_openai(), "logprobs": None, "finish_reason": self.finish_reason}
             ],
-            "usage": _usage_openai(self.usage),
+            "usage": usage_to_openai(self.usage),
         }
 
     def last_chunk(self) -> ChatChunk:

@@ -26,7 +26,8 @@ from llama_crab_client.errors import LlamaCrabError
 from llama_crab_client.types import CompletionOptions
 
 from .auth import BearerTokenInterceptor
-from .config import ServeConfig
+from .config import HTTP_OFF, ServeConfig
+from .http_front import HttpFront
 from .logs import configure_logging, log_event
 from .metrics import MetricsServer, ServiceMetrics
 from .servicer import SERVICE_NAME, LlamaCrabServicer, register_servicer
@@ -86,7 +87,9 @@ class Service:
         self.health = health_aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self._server: Optional[aio.Server] = None
+        self._http: Optional[HttpFront] = None
         self._metrics_server: Optional[MetricsServer] = None
         self._drain_task: Optional[asyncio.Task[None]] = None
         self._stopped: Optional[asyncio.Event] = None
@@ -137,6 +140,14 @@ class Service:
             raise OSError(f"cannot listen on {config.address}")
         await server.start()
         self._server = server
+        if config.http_port != HTTP_OFF:
+            http = HttpFront(config, self.servicer, self.metrics)
+            try:
+                self.http_port = await http.start()
+            except OSError:
+                await server.stop(grace=None)
+                raise
+            self._http = http
         if config.metrics_port:
             self._metrics_server = MetricsServer(self.metrics, config.metrics_host or config.host, config.metrics_port)
             self.metrics_port = self._metrics_server.port
@@ -144,6 +155,7 @@ class Service:
             "listening",
             host=config.host,
             port=self.port,
+            http_port=self.http_port or None,
             tls=credentials is not None,
             mtls=config.tls_client_ca is not None,
             auth=token is not None,
@@ -164,7 +176,9 @@ class Service:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
         info = llama.model_info()
-        log_event("serving", model=info.name, n_ctx=info.n_ctx, slots=info.n_slots, port=self.port)
+        log_event(
+            "serving", model=info.name, n_ctx=info.n_ctx, slots=info.n_slots, port=self.port, http_port=self.http_port or None
+        )
 
     def request_stop(self, grace: Optional[float] = None) -> None:
         """Begin draining (first call), or cancel every stream now (later calls). Never blocks."""
@@ -194,6 +208,8 @@ class Service:
         if self._server is not None:
             # Every stream has ended: this only closes connections (and drops any stragglers).
             await self._server.stop(grace=1.0)
+        if self._http is not None:
+            await self._http.stop()
         if self._metrics_server is not None:
             # shutdown() waits out the HTTP server's poll interval: not on the event loop.
             await asyncio.to_thread(self._metrics_server.close)

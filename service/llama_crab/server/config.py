@@ -61,6 +61,8 @@ class ServeConfig:
     # network
     host: str = "127.0.0.1"
     port: int = 50051
+    # The OpenAI-compatible HTTP API on the same host (HTTP_OFF: none).
+    http_port: int = 8080
     max_message_bytes: int = 16 * 1024 * 1024
     max_concurrent_rpcs: int = 0
     keepalive_time: float = 30.0
@@ -131,6 +133,8 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 65535:
                 out.append((name, "must be a port number in [0, 65535]"))
+        if not isinstance(self.http_port, int) or not (self.http_port == HTTP_OFF or 0 <= self.http_port <= 65535):
+            out.append(("http_port", "must be a port number in [0, 65535] or off"))
         if not self.model:
             out.append(("model", "must name a catalogue model or a .gguf file"))
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -179,6 +183,13 @@ def _optional_int(text: str) -> Optional[int]:
     return None if text.strip().lower() in ("", "auto") else int(text)
 
 
+HTTP_OFF = -1
+
+
+def _port_or_off(text: str) -> int:
+    return HTTP_OFF if text.strip().lower() == "off" else int(text)
+
+
 def _seconds_or_never(text: str) -> float:
     return -1.0 if text.strip().lower() == "never" else float(text)
 
@@ -207,6 +218,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", str, "NAME|PATH", "catalogue model name (see `llama-crab models`) or a .gguf file path"),
     Option("host", str, "HOST", "address to listen on (0.0.0.0 or :: for every interface)"),
     Option("port", int, "PORT", "gRPC port (0 = pick a free one; the chosen port is logged)"),
+    Option(
+        "http_port",
+        _port_or_off,
+        "PORT|off",
+        "OpenAI-compatible HTTP port on the same host (0 = pick a free one and log it; off = no HTTP)",
+    ),
     Option("n_ctx", int, "N", "context size in tokens, shared by all slots (each gets n_ctx / parallel)"),
     Option("parallel", int, "N", "sequences generated at once (slots sharing one context)"),
     Option(

@@ -30,7 +30,7 @@ from .streaming import CHAT, COMPLETE, StreamEncoder, StreamProgress, final_as_d
 if TYPE_CHECKING:
     from ..llama import CompletionHandle, Llama
 
-__all__ = ["SERVICE_NAME", "LlamaCrabServicer", "register_servicer"]
+__all__ = ["SERVICE_NAME", "Call", "CallGone", "LlamaCrabServicer", "in_worker", "register_servicer"]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LlamaCrabService"].full_name
 
@@ -41,8 +41,8 @@ T = TypeVar("T")
 
 
 @dataclass
-class _Call:
-    """Book-keeping of one RPC: who, since when, and how it ended."""
+class Call:
+    """Book-keeping of one call (an RPC or an HTTP request): who, since when, and how it ended."""
 
     method: str
     request_id: str
@@ -106,7 +106,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         return self._llama
 
     @contextlib.asynccontextmanager
-    async def _observe(self, method: str, context: Context, refuse_while_draining: bool = False) -> AsyncIterator[_Call]:
+    async def _observe(self, method: str, context: Context, refuse_while_draining: bool = False) -> AsyncIterator[Call]:
         """Request id in and out, one status code per call, one log line, one metric.
 
         `refuse_while_draining`: a new stream on a draining server is refused before any
@@ -117,7 +117,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_KEY:
                 given = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        call = _Call(method, new_request_id(given), context.peer())
+        call = Call(method, new_request_id(given), context.peer())
         token = request_id_var.set(call.request_id)
         try:
             if refuse_while_draining:
@@ -132,7 +132,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
             raise
         except aio.AbortError:
             raise  # already reported: `call.code` was set before aborting
-        except _CallGone:
+        except CallGone:
             call.code = _cancel_code(context)  # nobody to send a status to
         except Exception as e:  # a bug or an engine failure: fail this call only
             call.code = "INTERNAL"
@@ -159,32 +159,48 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         async with self._observe("Complete", context, refuse_while_draining=True) as call:
             llama = self._ready_llama(allow_draining=False)
             prompt, options = convert.complete_request_from_proto(request)
-            handle = await _in_worker(llama.submit, prompt, options)
+            handle = await in_worker(llama.submit, prompt, options)
             await self._stream(call, handle, COMPLETE, context)
 
     async def Chat(self, request: pb.ChatRequest, context: Context) -> None:  # type: ignore[override]
         async with self._observe("Chat", context, refuse_while_draining=True) as call:
             llama = self._ready_llama(allow_draining=False)
             chat, options = convert.chat_request_from_proto(request)
-            handle = await _in_worker(llama.submit_chat, chat, options)
+            handle = await in_worker(llama.submit_chat, chat, options)
             await self._stream(call, handle, CHAT, context)
 
     async def _stream(
-        self, call: _Call, handle: CompletionHandle, encoder: StreamEncoder[Any, Any], context: Context
+        self, call: Call, handle: CompletionHandle, encoder: StreamEncoder[Any, Any], context: Context
     ) -> None:
+        def code_of(error: BaseException) -> str:
+            if isinstance(error, LlamaCrabError):
+                return error.status
+            return _cancel_code(context)  # cancelled, or the call is gone
+
+        await self.run_stream(call, handle, encoder, lambda m: _write(context, m), code_of)
+
+    def ready_llama(self, allow_draining: bool = True) -> Llama:
+        """The served model; UnavailableError while it loads (or, unless allowed, drains)."""
+        return self._ready_llama(allow_draining)
+
+    async def run_stream(
+        self,
+        call: Call,
+        handle: CompletionHandle,
+        encoder: StreamEncoder[Any, Any],
+        write: Callable[[Any], Any],
+        code_of: Callable[[BaseException], str],
+    ) -> None:
+        """Relay `handle` to `write` (an awaitable per message) with every stream's
+        book-keeping: drain waits for it, and its metrics and log line count it whatever
+        the protocol. `code_of` names how an error ended the call (set before accounting)."""
         relay = HandleRelay(handle)
         progress: StreamProgress[Any] = StreamProgress(prompt_tokens=handle.prompt_tokens)
         self._track(relay, call, progress, encoder)
         try:
-            await relay_stream(relay, progress, encoder, lambda m: _write(context, m), self._metrics)
-        except asyncio.CancelledError:
-            call.code = _cancel_code(context)  # known before the accounting below
-            raise
-        except LlamaCrabError as e:
-            call.code = e.status
-            raise
-        except _CallGone:
-            call.code = _cancel_code(context)
+            await relay_stream(relay, progress, encoder, write, self._metrics)
+        except (asyncio.CancelledError, LlamaCrabError, CallGone) as e:
+            call.code = code_of(e)  # known before the accounting below
             raise
         finally:
             # Cancelled call, passed deadline, dropped connection or write failure:
@@ -194,7 +210,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
             self._account(call, progress, relay, encoder)
 
     def _track(
-        self, relay: HandleRelay, call: _Call, progress: StreamProgress[Any], encoder: StreamEncoder[Any, Any]
+        self, relay: HandleRelay, call: Call, progress: StreamProgress[Any], encoder: StreamEncoder[Any, Any]
     ) -> None:
         call.streamed = True
         self._streams.add(relay)
@@ -210,7 +226,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         relay.add_close_callback(closed)
 
     def _account(
-        self, call: _Call, progress: StreamProgress[Any], relay: HandleRelay, encoder: StreamEncoder[Any, Any]
+        self, call: Call, progress: StreamProgress[Any], relay: HandleRelay, encoder: StreamEncoder[Any, Any]
     ) -> None:
         """Metrics and the log line of a finished completion (normal, cancelled or failed)."""
         if progress.accounted or not (progress.handler_done and progress.handle_closed):
@@ -271,7 +287,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         return await self._unary("GetModel", context, lambda llama: convert.model_info_to_proto(llama.model_info()))
 
 
-class _CallGone(Exception):
+class CallGone(Exception):
     """The client cancelled, its deadline passed or its connection dropped while a write
     waited: grpc fails that write with its own error, and the call is over."""
 
@@ -282,10 +298,10 @@ async def _write(context: Context, message: pb.CompleteResponse) -> None:
     except asyncio.CancelledError:
         raise
     except Exception as e:  # grpc's ExecuteBatchError and kin: the call has ended
-        raise _CallGone(str(e)) from e
+        raise CallGone(str(e)) from e
 
 
-async def _in_worker(submit: Callable[..., CompletionHandle], *args: Any) -> CompletionHandle:
+async def in_worker(submit: Callable[..., CompletionHandle], *args: Any) -> CompletionHandle:
     """`llama.submit` (or `submit_chat`) in a worker thread: tokenizing, rendering a chat
     template and parsing a grammar can take a while, and the event loop relays every
     other stream meanwhile. A call cancelled while the submission runs still gets its

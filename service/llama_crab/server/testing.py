@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from .app import Service
-from .config import ServeConfig
+from .config import HTTP_OFF, ServeConfig
 
 if TYPE_CHECKING:
     from ..llama import Llama
@@ -74,6 +74,18 @@ class TestServer:
     def metrics_port(self) -> int:
         return self.service.metrics_port
 
+    @property
+    def http_port(self) -> int:
+        """The HTTP API's port (start with `http_port=0` to have one)."""
+        return self.service.http_port
+
+    @property
+    def http_url(self) -> str:
+        """`http://127.0.0.1:PORT` (https with TLS) of the HTTP API."""
+        scheme = "https" if self.service.config.tls_cert else "http"
+        host = self.address.rsplit(":", 1)[0]
+        return f"{scheme}://{host}:{self.http_port}"
+
     def attach(self, llama: Llama) -> None:
         """Serve `llama` (started with `llama=None`): warm-up decode, then SERVING."""
         _run(self.service.attach(llama), timeout=120.0)
@@ -123,7 +135,7 @@ def start_test_server(llama: Optional[Llama], **overrides: Any) -> TestServer:
     `llama=None` the server stays NOT_SERVING (as while a model loads) until
     `server.attach(llama)`.
     """
-    config = ServeConfig(**{"host": "127.0.0.1", "port": 0, "grace": 5.0, **overrides})
+    config = ServeConfig(**{"host": "127.0.0.1", "port": 0, "http_port": HTTP_OFF, "grace": 5.0, **overrides})
     problems = config.violations()
     if problems:
         raise ValueError("; ".join(f"{f}: {why}" for f, why in problems))
