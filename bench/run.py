@@ -5,7 +5,8 @@
     python bench/run.py --scenario busy [...]    # decode beside a CPU-bound neighbour process
     python bench/run.py --scenario mixed [...]   # a long prompt arriving beside 4 decoding streams
     python bench/run.py --scenario prefix [...]  # a shared 1,000-token prefix, cache on vs off, vs llama-server
-    python bench/run.py --scenario all [...]     # all five
+    python bench/run.py --scenario http [...]    # the OpenAI-compatible SSE endpoint vs llama-server's, and gRPC
+    python bench/run.py --scenario all [...]     # all of them
 
 Columns, all on the same model and thread count:
   llama-bench    raw llama.cpp (pp and tg tokens/s), built from third_party/llama.cpp if needed
@@ -74,14 +75,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--scenario",
-        choices=("performance", "chat", "busy", "mixed", "prefix", "speculative", "all"),
+        choices=("performance", "chat", "busy", "mixed", "prefix", "speculative", "http", "all"),
         default="performance",
         help="performance: the columns above; chat: bench/chat.py (Chat vs Complete, a session); "
         "busy: bench/busy_host.py (decode beside a CPU hog); mixed: bench/mixed.py (a long prompt "
         "beside decoding streams, the --prefill-step budget); prefix: bench/prefix.py (the prefix "
         "cache on vs off, beside llama-server's); speculative: bench/speculative.py (edit, JSON and story "
         "work with and without speculation, beside llama-server's; qwen2.5-coder-0.5b unless --model says "
-        "otherwise); all: the six",
+        "otherwise); http: bench/openai_http.py (/v1/completions streamed, beside llama-server's and gRPC); "
+        "all: the seven",
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -216,6 +218,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.no_build:
             spec_argv.append("--no-build")
         speculative.main(spec_argv)
+    if args.scenario in ("http", "all"):
+        import openai_http
+
+        http_argv = ["--model", args.model, "--threads", str(args.threads), "--reps", str(args.reps)]
+        if args.n_predict:
+            http_argv += ["--n-predict", str(args.n_predict)]
+        if args.llama_server:
+            http_argv += ["--llama-server", args.llama_server]
+        if args.no_build:
+            http_argv.append("--no-build")
+        openai_http.main(http_argv)
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import http.client
 import json
 import os
 import re
@@ -55,6 +56,8 @@ NGINX_CONF = ROOT / "deploy" / "nginx" / "llama-crab.conf"
 # The addresses deploy/nginx/llama-crab.conf is written with: replicas, then the listener.
 SHIPPED_REPLICAS = ("127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053")
 SHIPPED_LISTEN = "127.0.0.1:8080"
+SHIPPED_HTTP_REPLICAS = ("127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083")
+SHIPPED_HTTP_LISTEN = "127.0.0.1:8000"
 UPSTREAM_HEADER = "x-llama-crab-upstream"
 PROMPT = "Once upon a time, a small crab"
 LONG = CompletionOptions(96, ignore_eos=True)  # long enough to still run when a replica goes
@@ -87,11 +90,23 @@ def ensure_nginx() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def render_nginx_conf(replicas: Sequence[str], listen: str, down: Sequence[str] = ()) -> str:
-    """deploy/nginx/llama-crab.conf with these addresses; `down` replicas marked down."""
+def render_nginx_conf(
+    replicas: Sequence[str],
+    listen: str,
+    down: Sequence[str] = (),
+    http_replicas: Sequence[str] = SHIPPED_HTTP_REPLICAS,
+    http_listen: str = SHIPPED_HTTP_LISTEN,
+) -> str:
+    """deploy/nginx/llama-crab.conf with these addresses (gRPC, then the HTTP API's);
+    `down` replicas marked down."""
     text = NGINX_CONF.read_text()
     assert text.count(SHIPPED_LISTEN) == 1, "the shipped config listens on one address"
     text = text.replace(SHIPPED_LISTEN, listen)
+    assert text.count(f"listen {SHIPPED_HTTP_LISTEN};") == 1, "one HTTP listen address"
+    text = text.replace(f"listen {SHIPPED_HTTP_LISTEN};", f"listen {http_listen};")
+    for shipped, actual in zip(SHIPPED_HTTP_REPLICAS, http_replicas, strict=True):
+        assert text.count(f"server {shipped} ") == 1, "each HTTP replica is in the HTTP upstream"
+        text = text.replace(f"server {shipped} ", f"server {actual} ")
     for shipped, actual in zip(SHIPPED_REPLICAS, replicas, strict=True):
         assert text.count(f"server {shipped} ") == 2, "each replica is in both upstreams"
         text = text.replace(f"server {shipped} ", f"server {actual} ")
@@ -127,14 +142,16 @@ def free_port() -> int:
 class Nginx:
     """nginx in the foreground on a loopback port, with its own config, pid and logs."""
 
-    def __init__(self, binary: str, run_dir: Path, replicas: Sequence[str]) -> None:
+    def __init__(self, binary: str, run_dir: Path, replicas: Sequence[str], http_replicas: Sequence[str]) -> None:
         self.binary = binary
         self.run_dir = run_dir
         self.replicas = list(replicas)
+        self.http_replicas = list(http_replicas)
         self.address = f"127.0.0.1:{free_port()}"
+        self.http_address = f"127.0.0.1:{free_port()}"
         self.snippet = run_dir / "llama-crab.conf"
         self.conf = run_dir / "nginx.conf"
-        self.snippet.write_text(render_nginx_conf(self.replicas, self.address))
+        self.snippet.write_text(self._render())
         self.conf.write_text(nginx_main_conf(run_dir, self.snippet))
         self._base = [binary, "-e", str(run_dir / "error.log"), "-p", str(run_dir), "-c", str(self.conf)]
         self.proc = subprocess.Popen([*self._base, "-g", "daemon off;"], stdout=subprocess.DEVNULL)
@@ -144,11 +161,14 @@ class Nginx:
 
     def take_out(self, replica: str) -> None:
         """Mark a replica down and reload: old workers finish their streams, new ones skip it."""
-        self.snippet.write_text(render_nginx_conf(self.replicas, self.address, down=[replica]))
+        self.snippet.write_text(self._render(down=[replica]))
         reloads = self.error_log().count("gracefully shutting down")
         subprocess.run([*self._base, "-s", "reload"], check=True, timeout=30)
         # The new workers run the new config once the old ones were told to leave.
         assert wait_until(lambda: self.error_log().count("gracefully shutting down") > reloads, timeout=30)
+
+    def _render(self, down: Sequence[str] = ()) -> str:
+        return render_nginx_conf(self.replicas, self.address, down, self.http_replicas, self.http_address)
 
     def error_log(self) -> str:
         path = self.run_dir / "error.log"
@@ -178,7 +198,9 @@ class Replica:
     def __init__(self, model_path: str, log: Path) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_address = f"127.0.0.1:{self.http_port}"
         self.log = log
         env = {
             **os.environ,
@@ -186,7 +208,7 @@ class Replica:
             "LLAMA_CRAB_HOST": "127.0.0.1",
             "LLAMA_CRAB_PORT": str(self.port),
             "LLAMA_CRAB_METRICS_PORT": str(self.metrics_port),
-            "LLAMA_CRAB_HTTP_PORT": "0",  # three replicas on one host: no shared default port
+            "LLAMA_CRAB_HTTP_PORT": str(self.http_port),  # three replicas on one host: one port each
             "LLAMA_CRAB_N_CTX": "1024",
             "LLAMA_CRAB_PARALLEL": "4",
             "LLAMA_CRAB_THREADS": "1",  # three replicas share two cores
@@ -288,7 +310,7 @@ def cluster(model_path: str, nginx_binary: str, tmp_path: Path) -> Iterator[Clus
             replica.wait_serving()
         run_dir = tmp_path / "nginx"
         run_dir.mkdir()
-        nginx = Nginx(nginx_binary, run_dir, [r.address for r in replicas])
+        nginx = Nginx(nginx_binary, run_dir, [r.address for r in replicas], [r.http_address for r in replicas])
         yield Cluster(replicas, nginx)
     finally:
         if nginx is not None:
@@ -423,6 +445,25 @@ def test_calls_that_delivered_everything_count_as_ok_through_nginx(cluster: Clus
 
     assert wait_until(lambda: total("OK") == 24, timeout=10), (total("OK"), total("CANCELLED"))
     assert total("CANCELLED") == 0
+
+
+def test_http_streams_spread_through_nginx(cluster: Cluster) -> None:
+    """The OpenAI-compatible API behind the shipped nginx config: every stream arrives whole
+    (events as they are written, then [DONE]) and the replicas share them."""
+    host, port = cluster.nginx.http_address.split(":")
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 4, "stream": True, "temperature": 0}).encode()
+    upstreams = []
+    for _ in range(9):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+            response = conn.getresponse()
+            events = response.read().decode().split("\n\n")
+        finally:
+            conn.close()
+        assert response.status == 200 and events[-2] == "data: [DONE]", events
+        upstreams.append(response.getheader(UPSTREAM_HEADER))
+    assert {u for u in upstreams} == {r.http_address for r in cluster.replicas}, upstreams
 
 
 # ---- 2. SIGTERM mid-load -------------------------------------------------------------------------
