@@ -156,6 +156,21 @@ def test_chat_stream_follows_openais_order(sdk: openai.OpenAI) -> None:
     assert whole.usage is not None and events[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_chat_logprobs_streamed_and_whole(sdk: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Count to five."}]
+    whole = sdk.chat.completions.create(model="any", messages=messages, max_tokens=12, logprobs=True, top_logprobs=3, **GREEDY)  # type: ignore[arg-type]
+    entries = whole.choices[0].logprobs.content if whole.choices[0].logprobs else None
+    assert entries and whole.usage is not None and len(entries) == whole.usage.completion_tokens
+    assert "".join(e.token for e in entries) == whole.choices[0].message.content
+    # Greedy: each chosen token is the most likely of its top three.
+    assert all(len(e.top_logprobs) == 3 and e.logprob >= max(t.logprob for t in e.top_logprobs) - 1e-6 for e in entries)
+    events = list(
+        sdk.chat.completions.create(model="any", messages=messages, max_tokens=12, logprobs=True, top_logprobs=3, stream=True, **GREEDY)  # type: ignore[arg-type]
+    )
+    streamed = [e for ev in events if ev.choices and ev.choices[0].logprobs for e in ev.choices[0].logprobs.content or ()]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+
+
 def test_chat_tool_call_deltas(sdk: openai.OpenAI) -> None:
     events = list(
         sdk.chat.completions.create(
@@ -233,8 +248,8 @@ def test_bad_json_and_chat_fields(server: TestServer) -> None:
     status, _, body = post(server.http_url, "/v1/chat/completions", {"messages": []})
     assert status == 400 and json.loads(body)["error"]["param"] == "messages"
     ask = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
-    status, _, body = post(server.http_url, "/v1/chat/completions", {**ask, "logprobs": True})
-    assert status == 400 and json.loads(body)["error"]["param"] == "logprobs"
+    status, _, body = post(server.http_url, "/v1/chat/completions", {**ask, "top_logprobs": 2})
+    assert status == 400 and json.loads(body)["error"]["param"] == "top_logprobs"
     status, _, body = post(server.http_url, "/v1/chat/completions", {**ask, "n": 3})
     assert status == 400 and json.loads(body)["error"]["param"] == "n"
 
@@ -313,10 +328,27 @@ def test_disconnect_mid_stream_frees_the_slot(small_server: TestServer, llama: L
     )
     response = conn.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: ")
-    wait_until(lambda: llama.metrics().busy_slots == 1, timeout=30)
+    assert wait_until(lambda: llama.metrics().busy_slots == 1, timeout=30)
     conn.close()  # the client goes away mid-stream
-    wait_until(lambda: llama.metrics().busy_slots == 0, timeout=30)
-    wait_until(
+    assert wait_until(lambda: llama.metrics().busy_slots == 0, timeout=30)
+    assert wait_until(
+        lambda: small_server.metrics.value(
+            "llama_crab_requests_total", {"method": "http:/v1/completions", "code": "CANCELLED"}
+        )
+        == before + 1,
+        timeout=30,
+    )
+
+
+def test_disconnect_before_a_whole_reply_frees_the_slot(small_server: TestServer, llama: Llama) -> None:
+    before = small_server.metrics.value(
+        "llama_crab_requests_total", {"method": "http:/v1/completions", "code": "CANCELLED"}
+    )
+    conn = _open_stream(small_server.http_url, {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True})
+    assert wait_until(lambda: llama.metrics().busy_slots == 1, timeout=30)
+    conn.close()  # not streamed: the client leaves before the reply
+    assert wait_until(lambda: llama.metrics().busy_slots == 0, timeout=30)
+    assert wait_until(
         lambda: small_server.metrics.value(
             "llama_crab_requests_total", {"method": "http:/v1/completions", "code": "CANCELLED"}
         )

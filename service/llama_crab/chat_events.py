@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Union
+from typing import Optional, Union
 
 from llama_crab_client.chat import (
     ChatChunk,
@@ -24,11 +24,21 @@ from llama_crab_client.chat import (
     new_chat_id,
 )
 from llama_crab_client.errors import InvalidArgumentError
-from llama_crab_client.types import Timings, Usage
+from llama_crab_client.types import Timings, TokenLogprob, TopLogprob, Usage
 
 from . import _engine
 
 __all__ = ["ChatEvents", "engine_timings", "native_chat_inputs"]
+
+
+def engine_logprobs(native: Optional[list[_engine.TokenLogprob]]) -> Optional[tuple[TokenLogprob, ...]]:
+    """An event's logprobs (completions and chat replies alike); None when not requested."""
+    if native is None:
+        return None
+    return tuple(
+        TokenLogprob(lp.token_id, lp.text, lp.logprob, tuple(TopLogprob(t.token_id, t.text, t.logprob) for t in lp.top))
+        for lp in native
+    )
 
 
 def engine_timings(ev: _engine.Event) -> Timings:
@@ -119,7 +129,13 @@ class ChatEvents:
     def __call__(self, ev: _engine.Event) -> Union[ChatChunk, ChatCompletion]:
         if not ev.is_final:
             chunk = ChatChunk(
-                self.id, self.created, self.model, _delta(ev.chat_deltas, self._first), tuple(ev.token_ids), ev.n_tokens
+                self.id,
+                self.created,
+                self.model,
+                _delta(ev.chat_deltas, self._first),
+                tuple(ev.token_ids),
+                ev.n_tokens,
+                logprobs=engine_logprobs(ev.logprobs),
             )
             self._first = False
             return chunk
@@ -142,6 +158,7 @@ class ChatEvents:
             finish_reason=finish,
             usage=Usage(ev.prompt_tokens, ev.n_tokens, ev.cached_tokens),
             timings=engine_timings(ev),
+            logprobs=engine_logprobs(ev.logprobs),
         )
 
 

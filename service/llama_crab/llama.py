@@ -43,14 +43,12 @@ from llama_crab_client.types import (
     FieldViolation,
     ModelInfo,
     StopReason,
-    TokenLogprob,
-    TopLogprob,
     Usage,
     completion_from_delivered,
 )
 
 from . import _engine
-from .chat_events import ChatEvents, engine_timings, native_chat_inputs
+from .chat_events import ChatEvents, engine_logprobs, engine_timings, native_chat_inputs
 from .logs import install_llama_log_bridge
 from .params import LlamaParams, Speculative
 from .sampling_params import sampling_params
@@ -73,23 +71,9 @@ _STOP_REASONS = {
 _log = logging.getLogger("llama_crab")
 
 
-def _logprobs(native: Optional[list[_engine.TokenLogprob]]) -> Optional[tuple[TokenLogprob, ...]]:
-    if native is None:
-        return None
-    return tuple(
-        TokenLogprob(
-            lp.token_id,
-            lp.text,
-            lp.logprob,
-            tuple(TopLogprob(t.token_id, t.text, t.logprob) for t in lp.top),
-        )
-        for lp in native
-    )
-
-
 def _to_event(ev: _engine.Event) -> Event:
     if not ev.is_final:
-        return Chunk(ev.text, tuple(ev.token_ids), ev.n_tokens, _logprobs(ev.logprobs))
+        return Chunk(ev.text, tuple(ev.token_ids), ev.n_tokens, engine_logprobs(ev.logprobs))
     if ev.error:
         if ev.error_field:
             # The request itself made generation impossible (e.g. a grammar that leaves
@@ -104,7 +88,7 @@ def _to_event(ev: _engine.Event) -> Event:
         stop_sequence=ev.stop_sequence or None,
         usage=Usage(ev.prompt_tokens, ev.n_tokens, ev.cached_tokens),
         timings=engine_timings(ev),
-        logprobs=_logprobs(ev.logprobs),
+        logprobs=engine_logprobs(ev.logprobs),
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-from .types import LIMITS, FieldViolation, StreamControl, Timings, Usage
+from .types import LIMITS, FieldViolation, StreamControl, Timings, TokenLogprob, Usage
 
 __all__ = [
     "ROLES",
@@ -388,6 +388,9 @@ class ChatChunk:
     n_tokens: int = 0
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
+    # One entry per token when logprobs were requested (in process and over HTTP; the gRPC
+    # Chat stream does not carry them yet).
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
 
     def to_openai(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -416,6 +419,8 @@ class ChatCompletion:
     finish_reason: str
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    # Every generated token's, when logprobs were requested (see ChatChunk.logprobs).
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
 
     def to_openai(self) -> dict[str, Any]:
         return {

@@ -106,20 +106,8 @@ class _EventStream(Response):
                 except Exception as e:  # the connection went away mid-write
                     raise CallGone(str(e)) from e
 
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        body = asyncio.ensure_future(run(write))
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({body, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (body, watch):
-                task.cancel()
-            results = await asyncio.gather(body, watch, return_exceptions=True)
-        error = results[0]
-        if watch.done() and not watch.cancelled():
+        left, error = await _watching_disconnect(run(write), receive)
+        if left:
             return  # the client left: nothing more to send
         if isinstance(error, CallGone):
             return  # nobody left to write to
@@ -131,6 +119,27 @@ class _EventStream(Response):
             tail = error_event(InternalError("internal error"))
         with contextlib.suppress(Exception):
             await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _watching_disconnect(work: Awaitable[None], receive: Receive) -> tuple[bool, Optional[BaseException]]:
+    """Run `work` until it ends or the client disconnects, which cancels it (a STOP to the
+    engine). Returns (whether the client left, the exception `work` ended with)."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    body = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({body, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (body, watch):
+            task.cancel()
+        results = await asyncio.gather(body, watch, return_exceptions=True)
+    left = watch.done() and not watch.cancelled()
+    error = results[0] if isinstance(results[0], BaseException) else None
+    return left, error
 
 
 class _Server(uvicorn.Server):
@@ -266,6 +275,7 @@ class HttpFront:
     async def _generate(
         self,
         call: Call,
+        receive: Receive,
         submit: Callable[[Llama], CompletionHandle],
         encoder: StreamEncoder[Any, Any],
         stream: bool,
@@ -299,7 +309,12 @@ class HttpFront:
             if message is not None:
                 answer.append(message)
 
-        await run(keep)
+        # Not streamed, yet a client that leaves still stops the generation.
+        left, error = await _watching_disconnect(run(keep), receive)
+        if left:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        if error is not None:
+            raise error
         return JSONResponse(answer[-1])
 
     # ---- routes ----------------------------------------------------------------------------
@@ -325,7 +340,7 @@ class HttpFront:
             model = self._servicer.ready_llama().model_info().name
             encoder = text_encoder(model, parsed.stream, parsed.include_usage)
             return await self._generate(
-                call, lambda llama: llama.submit(parsed.prompt, parsed.options), encoder, parsed.stream
+                call, request.receive, lambda llama: llama.submit(parsed.prompt, parsed.options), encoder, parsed.stream
             )
 
         return await self._answer(request, "http:/v1/completions", handle)
@@ -335,7 +350,7 @@ class HttpFront:
             parsed = chat_call(await self._json(request))
             encoder = chat_encoder(parsed.stream, parsed.include_usage)
             return await self._generate(
-                call, lambda llama: llama.submit_chat(parsed.chat, parsed.options), encoder, parsed.stream
+                call, request.receive, lambda llama: llama.submit_chat(parsed.chat, parsed.options), encoder, parsed.stream
             )
 
         return await self._answer(request, "http:/v1/chat/completions", handle)

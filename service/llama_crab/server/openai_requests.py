@@ -243,16 +243,15 @@ def chat_call(raw: Any) -> ChatCall:
     top = body.get("top_logprobs")
     if top is not None and (not _is_int(top) or not 0 <= top <= 20):
         raise _bad("top_logprobs", "must be an integer in [0, 20]")
-    if _flag(body, "logprobs"):
-        # Chat chunks do not carry logprobs yet: refused rather than silently dropped.
-        raise _bad("logprobs", "is not supported on chat yet; use /v1/completions")
-    if top is not None:
-        raise _bad("top_logprobs", "needs logprobs, which chat does not support yet")
+    want_logprobs = _flag(body, "logprobs")
+    if top is not None and not want_logprobs:
+        raise _bad("top_logprobs", "needs logprobs: true")
+    logprobs = (top or 0) if want_logprobs else None
     try:
         chat = ChatRequest.build(messages, tools, tool_choice, response_format, parallel)
     except (TypeError, ValueError, AttributeError) as e:
         if isinstance(e, InvalidArgumentError):
             raise
         raise _bad("messages", str(e)) from None
-    options = _options(body, _max_tokens(body, ("max_completion_tokens", "max_tokens"), _UNBOUNDED_MAX_TOKENS), None)
+    options = _options(body, _max_tokens(body, ("max_completion_tokens", "max_tokens"), _UNBOUNDED_MAX_TOKENS), logprobs)
     return ChatCall(chat, options, stream, _include_usage(body, stream))

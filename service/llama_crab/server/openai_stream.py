@@ -102,6 +102,19 @@ class _TextLogprobs:
         }
 
 
+def _chat_logprobs(entries: Optional[Sequence[TokenLogprob]]) -> Optional[dict[str, Any]]:
+    """Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+    if entries is None:
+        return None
+
+    def one(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [{**one(e.text, e.logprob), "top_logprobs": [one(t.text, t.logprob) for t in e.top]} for e in entries]
+    }
+
+
 def text_encoder(model: str, stream: bool, include_usage: bool) -> StreamEncoder[Chunk, Completion]:
     """`/v1/completions`: `text_completion` chunks as events, or one `text_completion`."""
     head = {"id": "cmpl-" + secrets.token_urlsafe(18), "object": "text_completion", "created": int(time.time()), "model": model}
@@ -140,8 +153,8 @@ def chat_encoder(stream: bool, include_usage: bool) -> StreamEncoder[ChatChunk, 
     def head(c: Any) -> dict[str, Any]:
         return {"id": c.id, "object": "chat.completion.chunk", "created": c.created, "model": c.model}
 
-    def choice(delta: dict[str, Any], finish: Optional[str]) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def choice(delta: dict[str, Any], finish: Optional[str], logprobs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     role_sent = False
 
@@ -159,13 +172,15 @@ def chat_encoder(stream: bool, include_usage: bool) -> StreamEncoder[ChatChunk, 
         out = role(c)
         delta = c.delta.to_openai()
         delta.pop("role", None)
-        if delta:
-            out += _event({**head(c), "choices": [choice(delta, None)]})
+        if delta or c.logprobs:
+            out += _event({**head(c), "choices": [choice(delta, None, _chat_logprobs(c.logprobs))]})
         return out or None
 
     def final(f: ChatCompletion) -> Any:
         if not stream:
-            return f.to_openai()
+            whole = f.to_openai()
+            whole["choices"][0]["logprobs"] = _chat_logprobs(f.logprobs)
+            return whole
         out = role(f) + _event({**head(f), "choices": [choice({}, f.finish_reason)]})
         if include_usage:
             out += _event({**head(f), "choices": [], "usage": usage(f.usage)})
