@@ -254,6 +254,13 @@ def test_bad_json_and_chat_fields(server: TestServer) -> None:
     assert status == 400 and json.loads(body)["error"]["param"] == "n"
 
 
+def test_a_body_over_the_message_limit_is_refused(llama: Llama) -> None:
+    with start_test_server(llama, http_port=0, max_message_bytes=4096) as s:
+        status, _, body = post(s.http_url, "/v1/completions", {"prompt": "x" * 8192, "max_tokens": 1})
+        assert status == 400 and json.loads(body)["error"]["param"] == "body"
+        assert post(s.http_url, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
+
+
 def test_wrong_token_is_an_authentication_error(qwen: Llama) -> None:
     with start_test_server(qwen, http_port=0, auth_token="s3cret") as s:
         with openai.OpenAI(base_url=s.http_url + "/v1", api_key="wrong", max_retries=0) as client:
@@ -299,6 +306,25 @@ def test_draining_server_answers_503_before_any_header(llama: Llama) -> None:
         assert get(s.http_url, "/health")[0] == 503
     finally:
         s.stop()
+
+
+def test_an_error_after_the_stream_began_is_an_error_event(small_server: TestServer, llama: Llama) -> None:
+    """A grammar that needs "b" then "a", with every token that could finish it banned:
+    the stream has begun ("b") when the engine finds no token allowed."""
+    finishing = [t for t in range(llama.model_info().n_vocab) if llama.detokenize([t]) in ("a", "ba")]
+    body = {
+        "prompt": "Say something.", "max_tokens": 8, "stream": True, "grammar": 'root ::= "b" "a"',
+        "logit_bias": {str(t): -100 for t in finishing},
+    }  # fmt: skip
+    status, _, raw = post(small_server.http_url, "/v1/completions", body)
+    events = [json.loads(e[len("data: ") :]) for e in raw.decode().split("\n\n") if e]
+    assert status == 200 and events[0]["choices"][0]["text"] == "b"
+    assert events[-1]["error"]["param"] == "grammar" and "no token is allowed" in events[-1]["error"]["message"]
+    with openai.OpenAI(base_url=small_server.http_url + "/v1", api_key="x", max_retries=0) as client:
+        stream = client.completions.create(model="any", prompt="Say something.", max_tokens=8, stream=True, extra_body={k: body[k] for k in ("grammar", "logit_bias")})  # type: ignore[arg-type]
+        with pytest.raises(openai.APIError, match="no token is allowed"):
+            list(stream)
+    assert post(small_server.http_url, "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
 
 
 # ---- streams over the wire ----------------------------------------------------------------

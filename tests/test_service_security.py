@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +142,9 @@ def secure_channel(server: TestServer, pki: Pki, client: Pem | None) -> grpc.Cha
 
 @pytest.fixture(scope="module")
 def tls_server(llama: Llama, pki: Pki) -> Iterator[TestServer]:
-    with start_test_server(llama, tls_cert=str(pki.server_cert_file), tls_key=str(pki.server_key_file)) as server:
+    with start_test_server(
+        llama, tls_cert=str(pki.server_cert_file), tls_key=str(pki.server_key_file), http_port=0
+    ) as server:
         yield server
 
 
@@ -151,6 +155,7 @@ def mtls_server(llama: Llama, pki: Pki) -> Iterator[TestServer]:
         tls_cert=str(pki.server_cert_file),
         tls_key=str(pki.server_key_file),
         tls_client_ca=str(pki.ca_file),
+        http_port=0,
     ) as server:
         yield server
 
@@ -167,6 +172,42 @@ def test_tls_accepts_a_client_trusting_the_ca(tls_server: TestServer, pki: Pki) 
     # The certificate names 127.0.0.1 too, so the plain address verifies as well.
     trusting = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
     assert tls_server.health_status("", credentials=trusting) == "SERVING"
+
+
+def https_health(server: TestServer, pki: Pki, client: Pem | None, tmp_path: Path) -> int:
+    """GET /health over the HTTP API's TLS, trusting the test CA; the status."""
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    if client is not None:
+        (tmp_path / "client.pem").write_bytes(client.cert)
+        (tmp_path / "client.key").write_bytes(client.key)
+        context.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+    conn = http.client.HTTPSConnection("localhost", server.http_port, timeout=10, context=context)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_http_api_uses_the_same_tls(tls_server: TestServer, pki: Pki, tmp_path: Path) -> None:
+    assert tls_server.http_url.startswith("https://")
+    assert https_health(tls_server, pki, None, tmp_path) == 200
+    plain = http.client.HTTPConnection("127.0.0.1", tls_server.http_port, timeout=10)
+    try:
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/health")
+            plain.getresponse().read()
+    finally:
+        plain.close()
+
+
+def test_http_api_uses_the_same_mutual_tls(mtls_server: TestServer, pki: Pki, tmp_path: Path) -> None:
+    assert https_health(mtls_server, pki, pki.client, tmp_path) == 200
+    for stranger in (None, pki.stranger):  # no certificate, or one the server's CA did not sign
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            https_health(mtls_server, pki, stranger, tmp_path)
 
 
 def test_tls_refuses_plaintext(tls_server: TestServer) -> None:
