@@ -15,10 +15,11 @@ import platform
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, TypeVar
 
 PROMPT = (
     "Write a long, detailed story about a small crab who teaches itself to program "
@@ -280,3 +281,43 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "s
     """--model and --threads, the same in every benchmark script."""
     parser.add_argument("--model", default=default_model, help="catalogue name or .gguf path (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core (%(default)s)")
+
+
+T = TypeVar("T")
+
+
+def together(run_one: Callable[[], T], n: int) -> tuple[float, list[T]]:
+    """`n` runs of `run_one` on as many threads, begun together behind a barrier; (wall
+    seconds from the start to the last one's end, their results). Raises if any failed."""
+    barrier = threading.Barrier(n + 1)
+    out: list[T] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            barrier.wait()
+            result = run_one()
+            with lock:
+                out.append(result)
+        except BaseException as e:  # re-raised below
+            with lock:
+                errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} streams failed: {errors[0]!r}")
+    return wall, out
+
+
+def median_range(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    """`median (min-max)`, as the reports print a cell."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+

@@ -25,7 +25,6 @@ import http.client
 import json
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,16 @@ from typing import Any, Optional
 
 import llama_bench
 import llama_server
-from common import PROMPT, add_model_arguments, cpu_name, end_of_generation_bias, load_average, proc_cpu_seconds
+from common import (
+    PROMPT,
+    add_model_arguments,
+    cpu_name,
+    end_of_generation_bias,
+    load_average,
+    median_range,
+    proc_cpu_seconds,
+    together,
+)
 from service import free_port, serve_process
 
 from llama_crab_client import Client, CompletionOptions
@@ -95,35 +103,9 @@ def grpc_stream(client: Client, options: CompletionOptions) -> Stream:
     return Stream(first, time.perf_counter(), completion.usage.completion_tokens)
 
 
-def together(run_one: Callable[[], Stream], n: int) -> list[Stream]:
-    barrier = threading.Barrier(n)
-    out: list[Stream] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            barrier.wait()
-            result = run_one()
-            with lock:
-                out.append(result)
-        except BaseException as e:  # re-raised below
-            with lock:
-                errors.append(e)
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {n} streams failed: {errors[0]!r}")
-    return out
-
-
 def measure_round(run_one: Callable[[], Stream], n: int, pid: int) -> dict[str, float]:
     cpu_before = proc_cpu_seconds(pid) or 0.0
-    streams = together(run_one, n)
+    _wall, streams = together(run_one, n)
     cpu = (proc_cpu_seconds(pid) or 0.0) - cpu_before
     tokens = sum(s.tokens for s in streams)
     decode_s = max(s.end for s in streams) - min(s.first for s in streams)
@@ -211,10 +193,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     DOC.write_text(report(results))
     print(report(results))
     return 0
-
-
-def median_range(values: list[float], fmt: str = "{:.1f}") -> str:
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def report(results: dict[str, Any]) -> str:

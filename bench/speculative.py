@@ -32,7 +32,6 @@ import contextlib
 import json
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from typing import Any, Optional
 
 import llama_bench
 import llama_server
-from common import add_model_arguments, cpu_name, end_of_generation_bias, load_average
+from common import add_model_arguments, cpu_name, end_of_generation_bias, load_average, median_range, together
 from service import free_port, serve_process
 
 from llama_crab_client import Client, CompletionOptions
@@ -129,35 +128,6 @@ def server_stream(connections: llama_server.Connections, prompt: str, n_predict:
         int(timings.get("draft_n", 0)),
         int(timings.get("draft_n_accepted", 0)),
     )
-
-
-def together(run_one: Callable[[], Stream], n: int) -> tuple[float, list[Stream]]:
-    """`n` streams begun together; (wall seconds, their results)."""
-    barrier = threading.Barrier(n + 1)
-    out: list[Stream] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            barrier.wait()
-            result = run_one()
-            with lock:
-                out.append(result)
-        except BaseException as e:  # re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {n} streams failed: {errors[0]!r}")
-    return wall, out
 
 
 def cell(wall: float, streams: list[Stream]) -> dict[str, float]:
@@ -324,10 +294,6 @@ def crab_only(args: argparse.Namespace, model: str, names: tuple[str, ...], stre
     out = {"cpu": cpu_name(), "threads": args.threads, "reps": args.reps, "cells": cells, "summary": summary}
     (OUT / "speculative-crab-only.json").write_text(json.dumps(out, indent=2))
     return 0
-
-
-def median_range(values: list[float], fmt: str = "{:.1f}") -> str:
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def report(results: dict[str, Any]) -> str:
