@@ -345,42 +345,24 @@ def test_curl_sees_sse_events_then_done(small_server: TestServer) -> None:
     assert all(p["object"] == "text_completion" for p in payloads)
 
 
-def test_disconnect_mid_stream_frees_the_slot(small_server: TestServer, llama: Llama) -> None:
-    before = small_server.metrics.value(
-        "llama_crab_requests_total", {"method": "http:/v1/completions", "code": "CANCELLED"}
-    )
-    conn = _open_stream(
-        small_server.http_url, {"prompt": "Once upon a time", "max_tokens": 400, "stream": True, "ignore_eos": True}
-    )
-    response = conn.getresponse()
-    assert response.status == 200 and response.readline().startswith(b"data: ")
-    assert wait_until(lambda: llama.metrics().busy_slots == 1, timeout=30)
-    conn.close()  # the client goes away mid-stream
-    assert wait_until(lambda: llama.metrics().busy_slots == 0, timeout=30)
-    assert wait_until(
-        lambda: small_server.metrics.value(
-            "llama_crab_requests_total", {"method": "http:/v1/completions", "code": "CANCELLED"}
-        )
-        == before + 1,
-        timeout=30,
-    )
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_slot(small_server: TestServer, llama: Llama, stream: bool) -> None:
+    """Mid-stream, or before a whole (not streamed) reply: a STOP, counted CANCELLED."""
 
+    def cancelled() -> float:
+        labels = {"method": "http:/v1/completions", "code": "CANCELLED"}
+        return small_server.metrics.value("llama_crab_requests_total", labels)
 
-def test_disconnect_before_a_whole_reply_frees_the_slot(small_server: TestServer, llama: Llama) -> None:
-    before = small_server.metrics.value(
-        "llama_crab_requests_total", {"method": "http:/v1/completions", "code": "CANCELLED"}
-    )
-    conn = _open_stream(small_server.http_url, {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True})
+    before = cancelled()
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "stream": stream, "ignore_eos": True}
+    conn = _open_stream(small_server.http_url, body)
+    if stream:
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
     assert wait_until(lambda: llama.metrics().busy_slots == 1, timeout=30)
-    conn.close()  # not streamed: the client leaves before the reply
+    conn.close()
     assert wait_until(lambda: llama.metrics().busy_slots == 0, timeout=30)
-    assert wait_until(
-        lambda: small_server.metrics.value(
-            "llama_crab_requests_total", {"method": "http:/v1/completions", "code": "CANCELLED"}
-        )
-        == before + 1,
-        timeout=30,
-    )
+    assert wait_until(lambda: cancelled() == before + 1, timeout=30)
 
 
 # ---- fuzzing ------------------------------------------------------------------------------
