@@ -261,6 +261,18 @@ def test_a_body_over_the_message_limit_is_refused(llama: Llama) -> None:
         assert post(s.http_url, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
 
 
+def test_max_concurrent_rpcs_bounds_http_requests_too(llama: Llama) -> None:
+    with start_test_server(llama, http_port=0, max_concurrent_rpcs=1) as s:
+        held = _open_stream(s.http_url, {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True})
+        try:
+            response = held.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data: ")
+            assert post(s.http_url, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 503
+        finally:
+            held.close()
+        assert wait_until(lambda: post(s.http_url, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200)
+
+
 def test_wrong_token_is_an_authentication_error(qwen: Llama) -> None:
     with start_test_server(qwen, http_port=0, auth_token="s3cret") as s:
         with openai.OpenAI(base_url=s.http_url + "/v1", api_key="wrong", max_retries=0) as client:

@@ -201,6 +201,9 @@ class HttpFront:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,
+            # --max-concurrent-rpcs bounds HTTP requests in flight too (503 beyond it); uvicorn
+            # counts the connection asking as one of its limit, hence the + 1.
+            limit_concurrency=config.max_concurrent_rpcs + 1 if config.max_concurrent_rpcs else None,
             **ssl,
         )
         self._server = _Server(server_config)
