@@ -334,7 +334,8 @@ OPTIONS: tuple[Option, ...] = (
         "max_concurrent_rpcs",
         int,
         "N",
-        "RPCs handled at once, beyond which new ones fail RESOURCE_EXHAUSTED (0 = no limit)",
+        "RPCs handled at once, beyond which new ones fail RESOURCE_EXHAUSTED; HTTP requests in flight get 503 "
+        "beyond it (0 = no limit)",
     ),
     Option("reflection", _bool, "BOOL", "serve gRPC server reflection (true/false)"),
     Option(
