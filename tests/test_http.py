@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import shutil
 import subprocess
-import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -43,7 +43,10 @@ GREEDY = {"temperature": 0, "extra_body": {"cache_prompt": False}}
 # ---- servers ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qwen() -> Iterator[Llama]:
-    with Llama.load(LlamaParams(ensure("qwen2.5-coder-0.5b")).with_n_ctx(4096).with_n_parallel(2)) as model:
+    # Sampling's cost guard at 1 s instead of 0.1 s: under scripts/sanitize.sh a grammar step
+    # (tools, response_format) takes ~0.3 s of CPU, and the guard is test_reliability's subject.
+    params = LlamaParams(ensure("qwen2.5-coder-0.5b")).with_n_ctx(4096).with_n_parallel(2).with_max_sample_ms(1000)
+    with Llama.load(params) as model:
         yield model
 
 
@@ -348,6 +351,8 @@ def test_curl_sees_sse_events_then_done(small_server: TestServer) -> None:
         capture_output=True,
         timeout=120,
         check=True,
+        # Not curl under scripts/sanitize.sh's preloaded ASan runtime.
+        env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
     ).stdout.decode()
     events = [e for e in out.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
