@@ -16,7 +16,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from common import (
     percentile,
     proc_cpu_seconds,
     time_stream,
+    together,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -112,28 +112,7 @@ def serve(model: str, threads: int, n_ctx: int, parallel: int, log: Path) -> Ite
 
 def run_concurrent(start: Callable[[], ChunkStream], streams: int) -> list[StreamTiming]:
     """`streams` streams from `start()` on as many threads, begun together behind a barrier."""
-    barrier = threading.Barrier(streams)
-    timings: list[StreamTiming] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        try:
-            barrier.wait()
-            timing = time_stream(start)
-            with lock:
-                timings.append(timing)
-        except BaseException as e:  # reported below; a thread must not swallow it
-            with lock:
-                errors.append(e)
-
-    threads = [threading.Thread(target=one) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]!r}")
+    _wall, timings = together(lambda: time_stream(start), streams)
     return timings
 
 
