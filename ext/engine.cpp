@@ -1236,4 +1236,3 @@ Metrics Engine::metrics() const {
 }
 
 }  // namespace llama_crab
-

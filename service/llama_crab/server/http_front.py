@@ -19,7 +19,6 @@ import hmac
 import json
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -265,14 +264,7 @@ class HttpFront:
         finally:
             if not call.streamed:
                 self._metrics.count_request(method, call.code)
-                log_event(
-                    "call finished",
-                    logging.DEBUG if call.code == "OK" else logging.INFO,
-                    method=method,
-                    code=call.code,
-                    peer=call.peer,
-                    duration_ms=round((time.monotonic() - call.started) * 1000, 3),
-                )
+                call.log_finished()
             request_id_var.reset(token)
 
     async def _generate(

@@ -52,6 +52,18 @@ class Call:
     # A submitted completion logs its own line when its handle closes.
     streamed: bool = False
 
+    def log_finished(self) -> None:
+        """The one log line of a call that did not stream (whatever the protocol)."""
+        level = logging.WARNING if self.code == "INTERNAL" else logging.DEBUG if self.code == "OK" else logging.INFO
+        log_event(
+            "call finished",
+            level,
+            method=self.method,
+            code=self.code,
+            peer=self.peer,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+        )
+
 
 class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
     """Complete and Chat (server streaming), Tokenize, Detokenize, GetModel."""
@@ -141,15 +153,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         finally:
             self._metrics.count_request(method, call.code)
             if not call.streamed:
-                level = logging.DEBUG if call.code == "OK" else logging.INFO
-                log_event(
-                    "call finished",
-                    logging.WARNING if call.code == "INTERNAL" else level,
-                    method=method,
-                    code=call.code,
-                    peer=call.peer,
-                    duration_ms=round((time.monotonic() - call.started) * 1000, 3),
-                )
+                call.log_finished()
             request_id_var.reset(token)
 
     # ---- RPCs -------------------------------------------------------------------------
