@@ -287,9 +287,11 @@ def test_wrong_token_is_an_authentication_error(qwen: Llama) -> None:
 
 
 def test_full_queue_is_a_rate_limit_error_with_retry_after(model_path: str) -> None:
-    with Llama.load(LlamaParams(model_path).with_n_ctx(512).with_n_parallel(1).with_max_queue(1)) as busy:
+    with Llama.load(LlamaParams(model_path).with_n_ctx(2048).with_n_parallel(1).with_max_queue(1)) as busy:
         with start_test_server(busy, http_port=0) as s:
-            body = {"prompt": "Once upon a time", "max_tokens": 400, "stream": True, "ignore_eos": True}
+            # Long enough (seconds, and unread: paused for its reader) that the slot stays
+            # busy and the second request queued while the third is refused.
+            body = {"prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
             holders = [_open_stream(s.http_url, body) for _ in range(2)]  # one decoding, one queued
             try:
                 assert wait_until(lambda: busy.metrics().busy_slots == 1 and busy.metrics().queue_depth == 1)
