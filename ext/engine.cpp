@@ -623,14 +623,11 @@ void Engine::request_drafts(int32_t n_batch) {
     const int32_t reserve = prefilling ? std::min(n_batch, step) : 0;
     const int32_t rows_each =
         (n_batch - reserve - static_cast<int32_t>(decoding.size())) / static_cast<int32_t>(decoding.size());
-    // A drafted row pays only if it is accepted more often than the share of the step one
+    // A drafted row pays only if it is accepted more often than the share of a step one
     // more row costs: near 0 for one stream on a GPU, near 1 for a CPU batch of several.
-    int32_t prompt_rows = 0;
-    for (const auto & s : slots_) {
-        if (s.state == SlotState::PREFILLING) prompt_rows += static_cast<int32_t>(s.req->prompt.size() - s.n_prompt_done);
-    }
-    const int32_t base_rows = static_cast<int32_t>(decoding.size()) + std::min(prompt_rows, reserve);
-    const double break_even = step_cost_.break_even_acceptance(base_rows);
+    // Only the decoding rows count: a prompt's rows are work the batch does anyway, and
+    // counting them made a stream stop drafting while any other prompt was being prefilled.
+    const double break_even = step_cost_.break_even_acceptance(static_cast<int32_t>(decoding.size()));
     bool any = false;
     for (Slot * slot : decoding) {
         slot->draft.clear();
