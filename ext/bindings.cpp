@@ -90,6 +90,7 @@ NB_MODULE(_engine, m) {
         .def_rw("cache_ram_bytes", &EngineParams::cache_ram_bytes)
         .def_rw("chat_template", &EngineParams::chat_template)
         .def_rw("adaptive_threads", &EngineParams::adaptive_threads)
+        .def_rw("deterministic", &EngineParams::deterministic)
         .def_rw("prefill_step_tokens", &EngineParams::prefill_step_tokens)
         .def_rw("speculative", &EngineParams::speculative);
 

@@ -114,8 +114,22 @@ Engine::Engine(const EngineParams & params)
 #endif
     });
 
+    if (params.deterministic) {
+        // Only the CPU kernels are made batch-invariant; a GPU's pick kernels by batch size.
+        if (params.n_gpu_layers != 0 && llama_supports_gpu_offload()) {
+            throw std::invalid_argument("deterministic: needs the CPU backend (set n_gpu_layers to 0 on a GPU build)");
+        }
+        // Without flash attention, KQ is a matmul whose kernel (llamafile's or ggml's) depends
+        // on how many rows a sequence has in the batch.
+        if (params.flash_attn == 0) {
+            throw std::invalid_argument("deterministic: needs flash attention (flash_attn auto or on)");
+        }
+    }
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers;
+    // Repacked weights run a GEMM kernel on rows in groups of 4 and a GEMV on the rest,
+    // which round differently: a row's result would depend on its place in the batch.
+    if (params.deterministic) mp.use_extra_bufts = false;
     mp.load_mode = params.use_mmap ? (params.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)
                                    : (params.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
     clear_last_log_error();
@@ -141,11 +155,13 @@ Engine::Engine(const EngineParams & params)
     cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
     cp.n_threads = params.n_threads;
     cp.n_threads_batch = params.n_threads_batch;
-    cp.flash_attn_type = static_cast<llama_flash_attn_type>(params.flash_attn);
+    cp.flash_attn_type = params.deterministic ? LLAMA_FLASH_ATTN_TYPE_ENABLED : static_cast<llama_flash_attn_type>(params.flash_attn);
     // Separate KV per slot: no cross-talk and no fragmentation between sequences.
     cp.kv_unified = false;
     // Sliding-window layers normally drop old positions, which a cached prefix needs.
-    cp.swa_full = params.cache_prompt;
+    // Deterministic mode also needs it: a ring of reused cells changes the order attention
+    // visits a restored prefix in.
+    cp.swa_full = params.cache_prompt || params.deterministic;
     cp.no_perf = true;
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_) {
@@ -155,6 +171,7 @@ Engine::Engine(const EngineParams & params)
                              (detail.empty() ? std::string() : " (" + detail + ")"));
     }
     n_ctx_seq_ = static_cast<int32_t>(llama_n_ctx_seq(ctx_));
+    if (params.deterministic) llama_set_cpu_reference_kernels(ctx_, true);
     try {
         speculator_ = std::make_unique<Speculator>(params.speculative, static_cast<uint32_t>(params.n_parallel), ctx_);
     } catch (...) {

@@ -80,6 +80,11 @@ struct EngineParams {
     // Speculative decoding (off unless `speculative.types` names one): each decoding
     // sequence puts a draft after its sampled token, verified in the same batch.
     SpeculativeParams speculative;
+    // Deterministic mode (CPU): a request's tokens and logprobs do not depend on the batch
+    // around it, its prefill chunking, the prefix cache or speculation. One kernel per op
+    // for every row (ggml's CPU reference kernels through a patch, docs/determinism.md),
+    // no repacked weights, flash attention on, full sliding-window cache.
+    bool deterministic = false;
 };
 
 struct ModelInfo {

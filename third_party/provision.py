@@ -2,7 +2,8 @@
 """Fill third_party/llama.cpp/ with the pinned llama.cpp source (see llama.cpp.pin).
 
 The source comes from an sdist on PyPI fetched by package name with pip, is checked
-against the pinned sha256, and is extracted without VCS metadata. The folder appears
+against the pinned sha256, and is extracted without VCS metadata; then the patches in
+third_party/patches/ are applied (each says why it exists). The folder appears
 atomically (extract to a temporary sibling, then rename), so an interrupted run never
 leaves a half-filled tree. CMake runs this when the folder is missing.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PIN_FILE = HERE / "llama.cpp.pin"
+PATCH_DIR = HERE / "patches"
 STAMP = ".llama-crab-provisioned"
 
 
@@ -88,11 +90,29 @@ def extract_subdir(archive: Path, subdir: str, dest: Path) -> None:
             tar.extractall(dest, members=picked)
 
 
+def patches() -> list[Path]:
+    return sorted(PATCH_DIR.glob("*.patch"))
+
+
+def stamp_text(pin: dict[str, str]) -> str:
+    """What a tree provisioned from this pin and these patches records: the commit, then
+    each patch's name and sha256, so that changing a patch re-provisions."""
+    return "\n".join([pin["commit"], *(f"{p.name} {sha256_of(p)}" for p in patches())]) + "\n"
+
+
+def apply_patches(tree: Path) -> None:
+    for patch in patches():
+        cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-d", str(tree), "-i", str(patch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"provision: {patch.name} does not apply:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+
+
 def provision(dest: Path, force: bool = False) -> Path:
     pin = read_pin()
     stamp = dest / STAMP
     if dest.exists() and not force:
-        if stamp.exists() and stamp.read_text().strip() == pin["commit"]:
+        if stamp.exists() and stamp.read_text() == stamp_text(pin):
             return dest
         if (dest / "CMakeLists.txt").exists() and not stamp.exists():
             print(f"provision: {dest} exists and was not provisioned by this script; leaving it alone")
@@ -109,7 +129,8 @@ def provision(dest: Path, force: bool = False) -> Path:
             )
         staging = tmpdir / "llama.cpp"
         extract_subdir(archive, pin["subdir"], staging)
-        (staging / STAMP).write_text(pin["commit"] + "\n")
+        apply_patches(staging)
+        (staging / STAMP).write_text(stamp_text(pin))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)

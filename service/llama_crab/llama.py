@@ -360,6 +360,7 @@ class Llama:
         native.cache_prompt = params.cache_prompt
         native.cache_ram_bytes = params.cache_ram_mib << 20
         native.adaptive_threads = params.adaptive_threads
+        native.deterministic = params.deterministic
         native.prefill_step_tokens = params.prefill_step_tokens
         if params.speculative is not None:
             native.speculative = _native_speculative(params.speculative)

@@ -101,6 +101,11 @@ class LlamaParams:
     # Speculative decoding (None: off). Requests may turn it off for themselves
     # (CompletionOptions.speculative).
     speculative: Optional[Speculative] = None
+    # Deterministic mode: on the same build and host, a request's tokens and logprobs are
+    # bit-identical whatever ran beside it, its prefill chunking, the prefix cache or
+    # speculation. CPU only (n_gpu_layers=0 on a GPU build); needs flash_attn auto or on.
+    # Costs prefill speed (docs/determinism.md).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", os.fspath(self.model_path))
@@ -155,6 +160,9 @@ class LlamaParams:
     def with_speculative(self, speculative: Optional[Speculative]) -> LlamaParams:
         return self._with(speculative=speculative)
 
+    def with_deterministic(self, deterministic: bool = True) -> LlamaParams:
+        return self._with(deterministic=deterministic)
+
     def with_chat_template(self, source: Optional[str]) -> LlamaParams:
         return self._with(chat_template=source)
 
@@ -174,6 +182,10 @@ class LlamaParams:
                 out.append((name, "must be None or an integer >= 1"))
         if not isinstance(self.adaptive_threads, bool):
             out.append(("adaptive_threads", "must be True or False"))
+        if not isinstance(self.deterministic, bool):
+            out.append(("deterministic", "must be True or False"))
+        elif self.deterministic and self.flash_attn == "off":
+            out.append(("deterministic", "needs flash_attn 'auto' or 'on'"))
         if not isinstance(self.cache_prompt, bool):
             out.append(("cache_prompt", "must be True or False"))
         if not isinstance(self.cache_ram_mib, int) or isinstance(self.cache_ram_mib, bool) or not 0 <= self.cache_ram_mib < 2**22:

@@ -247,6 +247,7 @@ def load_llama(config: ServeConfig) -> Llama:
         n_threads=config.threads,
         adaptive_threads=config.adaptive_threads,
         n_gpu_layers=config.n_gpu_layers,
+        deterministic=config.deterministic,
         n_parallel=config.parallel,
         max_queue=config.max_queue,
         max_grammar_bytes=config.max_grammar_bytes,

@@ -36,6 +36,7 @@ class ServeConfig:
     threads: Optional[int] = None
     adaptive_threads: bool = True
     n_gpu_layers: int = -1
+    deterministic: bool = False
     # what one request may cost the others (see LlamaParams)
     max_grammar_bytes: int = 32 * 1024
     max_sample_ms: float = 100.0
@@ -204,6 +205,7 @@ class Option:
     help: str
     choices: Optional[tuple[str, ...]] = None
     unset: str = "unset"  # what leaving it unset means, for --help
+    alone: Any = None  # the value of the flag given without one (`--deterministic`); None: it needs one
 
     @property
     def flag(self) -> str:
@@ -245,6 +247,14 @@ OPTIONS: tuple[Option, ...] = (
         "use a thread fewer while another process takes CPU cores, all again once one is idle (true/false)",
     ),
     Option("n_gpu_layers", int, "N", "layers offloaded to a GPU build's device (-1 = all)"),
+    Option(
+        "deterministic",
+        _bool,
+        "BOOL",
+        "a request's tokens and logprobs do not depend on the batch, the load, the prefix cache or speculation "
+        "(CPU; slower prefill: docs/determinism.md); the flag alone means true",
+        alone=True,
+    ),
     Option(
         "cache_prompt",
         _bool,
@@ -422,6 +432,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     for option in OPTIONS:
+        alone: dict[str, Any] = {} if option.alone is None else {"nargs": "?", "const": option.alone}
         parser.add_argument(
             option.flag,
             dest=option.dest,
@@ -430,6 +441,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
             choices=option.choices,
             default=None,  # None = not given: fall back to the env twin, then the default
             help=f"{option.help} [{option.env}; default: {_default_text(option)}]",
+            **alone,
         )
     parser.set_defaults(func=_run, serve_parser=parser)
     return parser
