@@ -2,8 +2,9 @@
 """Fill third_party/llama.cpp/ with the pinned llama.cpp source (see llama.cpp.pin).
 
 The source comes from an sdist on PyPI fetched by package name with pip, is checked
-against the pinned sha256, and is extracted without VCS metadata; then the patches in
-third_party/patches/ are applied (each says why it exists). The folder appears
+against the pinned sha256, and is extracted without VCS metadata; then the patches beside
+this script (llama.cpp.NNNN-*.patch, in name order, each saying at its top why it exists)
+are applied. Keep them few and small: a run-time switch llama.cpp offers beats a patch. The folder appears
 atomically (extract to a temporary sibling, then rename), so an interrupted run never
 leaves a half-filled tree. CMake runs this when the folder is missing.
 
@@ -24,7 +25,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PIN_FILE = HERE / "llama.cpp.pin"
-PATCH_DIR = HERE / "patches"
 STAMP = ".llama-crab-provisioned"
 
 
@@ -91,7 +91,7 @@ def extract_subdir(archive: Path, subdir: str, dest: Path) -> None:
 
 
 def patches() -> list[Path]:
-    return sorted(PATCH_DIR.glob("*.patch"))
+    return sorted(HERE.glob("llama.cpp.*.patch"))
 
 
 def stamp_text(pin: dict[str, str]) -> str:
