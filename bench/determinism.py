@@ -95,29 +95,27 @@ def condition(name: str, path: str, deterministic: bool, prompt: str) -> Result:
                 t.join()
             return results[7]
         if name == "beside-decode":
-            started = threading.Barrier(5)
+            decoding = [threading.Event() for _ in range(4)]
             stop = threading.Event()
 
             def long_stream(i: int) -> None:
                 def on_chunk(_chunk: Any) -> StreamControl:
-                    if not started.broken and started.n_waiting < 5:
-                        try:
-                            started.wait(timeout=0)
-                        except threading.BrokenBarrierError:
-                            pass
+                    decoding[i].set()
                     return StreamControl.STOP if stop.is_set() else StreamControl.CONTINUE
 
-                llm.create_completion_stream(f"List {i}: 1, 2, 3,", greedy(400, cache_prompt=False), on_chunk)
+                llm.create_completion_stream(f"List {i}: 1, 2, 3,", greedy(2000, cache_prompt=False), on_chunk)
 
             threads = [threading.Thread(target=long_stream, args=(i,)) for i in range(4)]
             for t in threads:
                 t.start()
-            time.sleep(1.0)  # the four are decoding
-            result = run(llm, prompt, greedy(cache_prompt=False))
-            stop.set()
-            for t in threads:
-                t.join()
-            return result
+            try:
+                for e in decoding:
+                    e.wait(60)  # the four are decoding
+                return run(llm, prompt, greedy(cache_prompt=False))
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
     raise ValueError(name)
 
 
