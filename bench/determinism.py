@@ -2,6 +2,7 @@
 """Deterministic mode: what it fixes (--check) and what it costs (the default).
 
     python bench/determinism.py --check [--models smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b]
+    python bench/determinism.py --sources
     python bench/determinism.py [--model qwen2.5-coder-0.5b] [--reps 3]
 
 --check runs one greedy request (48 tokens, its logprobs) under each condition of issue 20
@@ -13,6 +14,21 @@ prefix cache off; once with the default engine and once with `deterministic=True
   chunked         its prompt is prefilled 64 tokens a step (n_batch 64)
   speculative     the engine speculates (ngram-simple)
   session         its prefix comes back from a saved session (RAM cache), not a slot
+
+--sources shows each source of batch variance on its own, with llama_crab.lowlevel (one
+llama.cpp context, the switches set one at a time) and a ~300-token prompt. Each compares
+the logits of two rows that must be equal, bit for bit:
+  S1 attention   smollm2 (no repacked or K-quant weights): the prompt prefilled whole
+                 (tiled flash attention) against 32 tokens a step; a token decoded alone
+                 (split-KV attention) against the same token beside a second sequence;
+                 the lone decode on 1 thread against 2
+  S2 repack      qwen, reference kernels on: five identical sequences decode one token in
+                 one batch; row 0 (GEMM) against row 4 (GEMV), repacked weights on and off
+  S3 tiled mm    qwen, repack off: row 0 of 7 identical rows (vec_dot) against row 0 of 8
+                 (tiled K-quant matmul)
+  S4 no FA       smollm2, flash attention off: the last two prompt tokens decoded as one
+                 2-row batch (llamafile sgemm) against one at a time (vec_dot)
+Each with the switch that removes it, which must make the pair equal.
 
 The cost run times, in process, the default engine and the deterministic one side by side
 (rounds interleaved): aggregate decode tokens/s at 1, 4 and 8 streams, and prefill
@@ -119,6 +135,102 @@ def condition(name: str, path: str, deterministic: bool, prompt: str) -> Result:
     raise ValueError(name)
 
 
+def lowlevel_sources() -> dict[str, Any]:
+    from llama_crab.lowlevel import Batch, Context, Model
+
+    def prompt_tokens(model: Any) -> list[int]:
+        return list(model.tokenize(PREFIX))[:300]
+
+    def prefill(ctx: Any, tokens: list[int], seq: int, chunk: int) -> list[float]:
+        batch = Batch(512)
+        for i in range(0, len(tokens), chunk):
+            batch.clear()
+            piece = tokens[i : i + chunk]
+            batch.add_tokens(piece, pos=i, seq_id=seq, logits_last=i + len(piece) == len(tokens))
+            ctx.decode(batch)
+        return list(ctx.logits(-1))
+
+    def decode_rows(ctx: Any, token: int, pos: int, seqs: list[int]) -> list[list[float]]:
+        batch = Batch(512, n_seq_max=1)
+        for seq in seqs:
+            batch.add(token, pos, seq, logits=True)
+        ctx.decode(batch)
+        out = [list(ctx.logits(i)) for i in range(len(seqs))]
+        for seq in seqs:
+            ctx.seq_rm(seq, pos, -1)
+        return out
+
+    results: dict[str, Any] = {}
+
+    def record(source: str, what: str, switch: str, equal: bool) -> None:
+        results.setdefault(source, []).append({"what": what, "switch": switch, "equal": equal})
+        print(f"{source:12} {what:58} {switch:28} {'equal' if equal else 'DIFFER'}", flush=True)
+
+    smol = models.ensure("smollm2-135m")
+    qwen = models.ensure("qwen2.5-coder-0.5b")
+    # S1: attention kernels (smollm2 has only Q4_1/Q8_0 weights: no repack, no tiled matmul).
+    with Model.load(smol) as model:
+        tokens = prompt_tokens(model)
+        for ref in (False, True):
+            switch = "reference kernels" if ref else "default"
+            with Context(model, n_ctx=2048, n_seq_max=2, n_threads=2, cpu_reference_kernels=ref) as ctx:
+                whole = prefill(ctx, tokens, 0, 512)
+                prefill(ctx, tokens, 1, 32)
+                pieces = list(ctx.logits(-1))
+                record("S1 attention", "prompt prefilled whole vs 32 tokens a step", switch, whole == pieces)
+                ctx.seq_rm(1, -1, -1)
+                prefill(ctx, tokens, 1, 512)
+                t, pos = tokens[5], len(tokens)
+                alone = decode_rows(ctx, t, pos, [0])[0]
+                beside = decode_rows(ctx, t, pos, [0, 1])[0]
+                record("S1 attention", "decode alone vs beside a second sequence", switch, alone == beside)
+                ctx.set_threads(1, 1)
+                one_thread = decode_rows(ctx, t, pos, [0])[0]
+                record("S1 attention", "lone decode on 2 threads vs 1", switch, alone == one_thread)
+    # S2: repacked Q4_K weights, GEMM for rows in fours, GEMV for the rest.
+    for repack in (True, False):
+        with Model.load(qwen, use_extra_bufts=repack) as model:
+            tokens = prompt_tokens(model)
+            with Context(model, n_ctx=6 * 1024, n_seq_max=6, n_threads=2, cpu_reference_kernels=True) as ctx:
+                prefill(ctx, tokens, 0, 512)
+                for seq in range(1, 5):
+                    ctx.seq_cp(0, seq)
+                rows = decode_rows(ctx, tokens[5], len(tokens), [0, 1, 2, 3, 4])
+                switch = "repacked weights" if repack else "no repack"
+                record("S2 repack", "row 0 vs row 4 of five identical rows", switch, rows[0] == rows[4])
+    # S3: the tiled K-quant matmul from 8 rows up.
+    with Model.load(qwen, use_extra_bufts=False) as model:
+        tokens = prompt_tokens(model)
+        for ref in (False, True):
+            with Context(model, n_ctx=9 * 1024, n_seq_max=9, n_threads=2, cpu_reference_kernels=ref) as ctx:
+                prefill(ctx, tokens, 0, 512)
+                for seq in range(1, 8):
+                    ctx.seq_cp(0, seq)
+                seven = decode_rows(ctx, tokens[5], len(tokens), list(range(7)))[0]
+                eight = decode_rows(ctx, tokens[5], len(tokens), list(range(8)))[0]
+                switch = "reference kernels" if ref else "default (no repack)"
+                record("S3 tiled mm", "row 0 of 7 identical rows vs of 8", switch, seven == eight)
+    # S4: without flash attention, KQ is a matmul: llamafile's sgemm for 2+ rows, vec_dot for 1.
+    with Model.load(smol) as model:
+        tokens = prompt_tokens(model)
+        for fa in ("off", "on"):
+            with Context(model, n_ctx=2048, n_seq_max=2, n_threads=2, flash_attn=fa, cpu_reference_kernels=True) as ctx:
+                prefill(ctx, tokens[:-2], 0, 512)
+                prefill(ctx, tokens[:-2], 1, 512)
+                batch = Batch(8)
+                batch.add_tokens(tokens[-2:], pos=len(tokens) - 2, seq_id=0, logits_last=True)
+                ctx.decode(batch)
+                two_rows = list(ctx.logits(-1))
+                for i, t in enumerate(tokens[-2:]):
+                    batch.clear()
+                    batch.add(t, len(tokens) - 2 + i, 1, logits=True)
+                    ctx.decode(batch)
+                one_by_one = list(ctx.logits(-1))
+                switch = f"flash attention {fa}, ref kernels"
+                record("S4 no FA", "last 2 prompt tokens as one batch vs one at a time", switch, two_rows == one_by_one)
+    return results
+
+
 def reference(path: str, deterministic: bool, prompt: str) -> Result:
     with Llama.load(params(path, deterministic)) as llm:
         return run(llm, prompt, greedy(cache_prompt=False))
@@ -169,17 +281,44 @@ def cost(model: str, reps: int) -> dict[str, Any]:
     finally:
         for llm in engines.values():
             llm.close()
+    # Which switch costs the prefill: the same prompt through llama_crab.lowlevel with each.
+    from llama_crab.lowlevel import Batch, Context, Model
+
+    loaded = {repack: Model.load(path, use_extra_bufts=repack) for repack in (True, False)}
+    try:
+        tokens = list(loaded[True].tokenize(long_prompt))[:768]
+        for rep in range(reps):
+            for repack, ref in ((True, False), (False, False), (True, True), (False, True)):
+                name = f"prefill, {'repack' if repack else 'no repack'}, {'reference kernels' if ref else 'default kernels'}"
+                with Context(loaded[repack], n_ctx=1024, n_threads=2, cpu_reference_kernels=ref) as ctx:
+                    batch = Batch(512)
+                    start = time.perf_counter()
+                    for i in range(0, len(tokens), 512):
+                        batch.clear()
+                        batch.add_tokens(tokens[i : i + 512], pos=i, logits_last=i + 512 >= len(tokens))
+                        ctx.decode(batch)
+                    tok_s = len(tokens) / (time.perf_counter() - start)
+                cells.setdefault(name, {}).setdefault("default", []).append(tok_s)
+                print(f"round {rep} {name}: {tok_s:.1f}", flush=True)
+    finally:
+        for weights in loaded.values():
+            weights.close()
     return cells
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare tokens and logprobs under each condition")
+    parser.add_argument("--sources", action="store_true", help="show each source of batch variance alone")
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b", help="for --check")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="for the cost run")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.sources:
+        found = lowlevel_sources()
+        (OUT / "determinism-sources.json").write_text(json.dumps({"cpu": cpu_name(), "result": found}, indent=2))
+        return 0
     if args.check:
         result = check([m.strip() for m in args.models.split(",") if m.strip()])
         (OUT / "determinism-check.json").write_text(json.dumps({"cpu": cpu_name(), "result": result}, indent=2))
@@ -188,10 +327,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n{args.model} on {cpu_name()}, 2 threads, {args.reps} rounds, interleaved; medians (min-max):")
     summary = {}
     for key, by_mode in cells.items():
+        if "deterministic" not in by_mode:  # the per-switch prefill rows
+            print(f"| {key} | {median_range(by_mode['default'])} |")
+            continue
         d, x = statistics.median(by_mode["default"]), statistics.median(by_mode["deterministic"])
         summary[key] = x / d
         print(f"| {key} | {median_range(by_mode['default'])} | {median_range(by_mode['deterministic'])} | {x / d:.2f}x |")
-    (OUT / "determinism-cost.json").write_text(json.dumps({"cpu": cpu_name(), "model": args.model, "cells": cells, "ratio": summary}, indent=2))
+    (OUT / "determinism-cost.json").write_text(
+        json.dumps({"cpu": cpu_name(), "model": args.model, "cells": cells, "ratio": summary}, indent=2)
+    )
     return 0
 
 

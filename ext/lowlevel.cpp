@@ -118,6 +118,7 @@ Model::Model(const ModelParams & params) {
     mp.load_mode = params.use_mmap ? (params.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)
                                    : (params.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
     mp.vocab_only = params.vocab_only;
+    mp.use_extra_bufts = params.use_extra_bufts;
     clear_last_log_error();
     llama_model * m = llama_model_load_from_file(params.path.c_str(), mp);
     if (!m) {
@@ -388,12 +389,14 @@ Context::Context(ModelHandle model, const ContextParams & p, bool vocab_only)
     cp.n_threads_batch = p.n_threads_batch > 0 ? p.n_threads_batch : cp.n_threads;
     cp.flash_attn_type = static_cast<llama_flash_attn_type>(p.flash_attn);
     cp.kv_unified = p.kv_unified;
+    cp.swa_full = p.swa_full;
     cp.no_perf = true;
     cp.abort_callback = &Context::abort_callback;
     cp.abort_callback_data = this;
     clear_last_log_error();
     ctx_ = llama_init_from_model(model_.get(), cp);
     if (!ctx_) throw std::runtime_error(with_detail("cannot create a llama.cpp context"));
+    if (p.cpu_reference_kernels) llama_set_cpu_reference_kernels(ctx_, true);
 }
 
 Context::~Context() {

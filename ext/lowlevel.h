@@ -49,6 +49,9 @@ struct ModelParams {
     bool use_mmap = true;
     bool use_mlock = false;
     bool vocab_only = false;
+    // llama.cpp's extra CPU buffer types (repacked weights, AMX): faster prefill, but a row's
+    // result then depends on its place in the batch (docs/determinism.md).
+    bool use_extra_bufts = true;
 };
 
 // The loaded weights; shared by the Model and every Context/Sampler made from it, so
@@ -139,6 +142,9 @@ struct ContextParams {
     int32_t n_threads_batch = 0;  // 0: n_threads
     int32_t flash_attn = -1;      // llama_flash_attn_type: -1 auto, 0 off, 1 on
     bool kv_unified = false;      // false: each sequence gets n_ctx / n_seq_max cells of its own
+    bool swa_full = true;         // sliding-window layers keep every position (llama.cpp's default)
+    // ggml's CPU reference kernels: one kernel per op whatever the batch (docs/determinism.md).
+    bool cpu_reference_kernels = false;
 };
 
 class Context {

@@ -160,8 +160,10 @@ void bind_lowlevel(nb::module_ & m) {
     model
         .def_static(
             "load",
-            [](const std::filesystem::path & path, int32_t n_gpu_layers, bool use_mmap, bool use_mlock, bool vocab_only) {
+            [](const std::filesystem::path & path, int32_t n_gpu_layers, bool use_mmap, bool use_mlock, bool vocab_only,
+               bool use_extra_bufts) {
                 ll::ModelParams p;
+                p.use_extra_bufts = use_extra_bufts;
                 p.path = path.string();
                 p.n_gpu_layers = n_gpu_layers;
                 p.use_mmap = use_mmap;
@@ -171,8 +173,10 @@ void bind_lowlevel(nb::module_ & m) {
                 return ll::Model(p);
             },
             "path"_a, "n_gpu_layers"_a = 0, "use_mmap"_a = true, "use_mlock"_a = false, "vocab_only"_a = false,
+            "use_extra_bufts"_a = true,
             "Load a GGUF file (ModelLoadError if it is not one). n_gpu_layers: layers to offload on a GPU build; "
-            "vocab_only: the vocabulary alone (tokenize without weights; no Context).")
+            "vocab_only: the vocabulary alone (tokenize without weights; no Context); use_extra_bufts: "
+            "llama.cpp's repacked CPU weights (False: --no-repack).")
         .def("close", &ll::Model::close, "Drop this handle; the weights go when no Context or Sampler uses them.")
         .def_prop_ro("closed", &ll::Model::closed)
         .def_prop_ro("vocab_only", &ll::Model::vocab_only, "Loaded without weights (tokenizer only).")
@@ -281,7 +285,7 @@ void bind_lowlevel(nb::module_ & m) {
             "__init__",
             [](ll::Context * self, const ll::Model & model, int64_t n_ctx, int64_t n_batch, int64_t n_ubatch,
                int64_t n_seq_max, int64_t n_threads, int64_t n_threads_batch, const std::string & flash_attn,
-               bool kv_unified) {
+               bool kv_unified, bool swa_full, bool cpu_reference_kernels) {
                 ll::ContextParams p;
                 p.n_ctx = static_cast<uint32_t>(in_range("n_ctx", n_ctx, 0, 1 << 24));
                 p.n_batch = static_cast<uint32_t>(in_range("n_batch", n_batch, 1, 1 << 20));
@@ -294,15 +298,20 @@ void bind_lowlevel(nb::module_ & m) {
                 else if (flash_attn == "on") p.flash_attn = 1;
                 else throw std::invalid_argument("flash_attn: must be 'auto', 'on' or 'off'");
                 p.kv_unified = kv_unified;
+                p.swa_full = swa_full;
+                p.cpu_reference_kernels = cpu_reference_kernels;
                 ll::ModelHandle handle = model.handle();
                 const bool vocab_only = model.vocab_only();
                 nb::gil_scoped_release release;
                 new (self) ll::Context(std::move(handle), p, vocab_only);
             },
             "model"_a, "n_ctx"_a = 2048, "n_batch"_a = 512, "n_ubatch"_a = 512, "n_seq_max"_a = 1, "n_threads"_a = 0,
-            "n_threads_batch"_a = 0, "flash_attn"_a = "auto", "kv_unified"_a = false,
+            "n_threads_batch"_a = 0, "flash_attn"_a = "auto", "kv_unified"_a = false, "swa_full"_a = true,
+            "cpu_reference_kernels"_a = false,
             "A context of model (which it keeps alive). n_ctx: KV cells (0: the training context); each of the "
-            "n_seq_max sequences gets n_ctx / n_seq_max of them unless kv_unified. n_threads 0: every core.")
+            "n_seq_max sequences gets n_ctx / n_seq_max of them unless kv_unified. n_threads 0: every core. "
+            "swa_full: sliding-window layers keep every position; cpu_reference_kernels: ggml's one-kernel-per-op "
+            "CPU path, so a row's logits do not depend on the batch (docs/determinism.md).")
         .def("close", &ll::Context::close, "Free the context (BusyError while another thread decodes).")
         .def_prop_ro("closed", &ll::Context::closed)
         .def_prop_ro("n_ctx", &ll::Context::n_ctx)

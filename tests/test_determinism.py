@@ -179,3 +179,31 @@ def test_serve_flag_alone_means_true() -> None:
     assert config_from_args(p.parse_args(["serve", "--deterministic", "false"]), environ={}).deterministic is False
     assert config_from_args(p.parse_args(["serve"]), environ={"LLAMA_CRAB_DETERMINISTIC": "1"}).deterministic is True
     assert config_from_args(p.parse_args(["serve"]), environ={}).deterministic is False
+
+
+def test_lowlevel_switches_make_a_row_independent_of_its_batch() -> None:
+    """The low-level API's switches: five identical sequences decode one token in one batch;
+    with reference kernels and no repacked weights every row's logits are the same bits
+    (rows 0-3 and row 4 would otherwise go through different matmul kernels), and a token
+    decoded alone equals the same token beside others."""
+    from llama_crab.lowlevel import Batch, Context, Model
+
+    with Model.load(ensure("qwen2.5-coder-0.5b"), use_extra_bufts=False) as model:
+        tokens = list(model.tokenize(PREFIX))[:300]
+        with Context(model, n_ctx=6 * 1024, n_seq_max=6, cpu_reference_kernels=True, flash_attn="on") as ctx:
+            batch = Batch(512)
+            batch.add_tokens(tokens, seq_id=0)
+            ctx.decode(batch)
+            for seq in range(1, 5):
+                ctx.seq_cp(0, seq)
+            batch.clear()
+            batch.add(tokens[5], len(tokens), 0, logits=True)
+            ctx.decode(batch)
+            alone = list(ctx.logits(0))
+            ctx.seq_rm(0, len(tokens), -1)
+            batch.clear()
+            for seq in range(5):
+                batch.add(tokens[5], len(tokens), seq, logits=True)
+            ctx.decode(batch)
+            rows = [list(ctx.logits(i)) for i in range(5)]
+    assert all(row == alone for row in rows)
