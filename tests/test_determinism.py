@@ -140,30 +140,30 @@ def test_after_a_session_restore(model: str, engine: Llama, alone: Result, tmp_p
         assert fresh.metrics().cache_hit_tokens_total > 200
 
 
-def test_over_grpc_alone_and_among_others() -> None:
-    with load(ensure("smollm2-135m")) as llm:
-        server = start_test_server(llm)
-        try:
-            with Client(server.address) as client:
-                ref = client.create_completion(PROMPT, greedy(cache_prompt=False))
-                results: dict[int, Any] = {}
+def test_over_grpc_alone_among_others_and_cached(engine: Llama, alone: Result) -> None:
+    server = start_test_server(engine)
+    try:
+        with Client(server.address) as client:
+            ref = client.create_completion(PROMPT, greedy(cache_prompt=False))
+            results: dict[int, Any] = {}
 
-                def one(i: int) -> None:
-                    prompt = PROMPT if i == 0 else f"Story {i}: once upon a time"
-                    results[i] = client.create_completion(prompt, greedy(cache_prompt=i != 0))
+            def one(i: int) -> None:
+                prompt = PROMPT if i == 0 else f"Story {i}: once upon a time"
+                results[i] = client.create_completion(prompt, greedy(cache_prompt=False))
 
-                threads = [threading.Thread(target=one, args=(i,)) for i in range(N_PARALLEL)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                cached = client.create_completion(PROMPT, greedy())
-        finally:
-            server.stop()
-    assert ref.logprobs is not None and len(ref.token_ids) == 24
-    for got in (results[0], cached):
-        assert got.token_ids == ref.token_ids and got.logprobs is not None
-        assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in ref.logprobs]
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(N_PARALLEL)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            client.create_completion(OTHER, greedy(2))
+            cached = client.create_completion(PROMPT, greedy())
+    finally:
+        server.stop()
+    # Over the wire, the same bits as in process.
+    for got in (ref, results[0], cached):
+        assert got.token_ids == alone[0] and got.logprobs is not None
+        assert tuple(lp.logprob for lp in got.logprobs) == alone[1]
 
 
 def test_needs_flash_attention() -> None:
