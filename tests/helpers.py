@@ -3,12 +3,55 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import shutil
+import subprocess
 import threading
 import time
-from collections.abc import Coroutine
-from typing import Any, Callable, TypeVar
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import pytest
 
 T = TypeVar("T")
+
+APT_LOCK = Path("/tmp/llama-crab-apt.lock")
+
+
+def _which(binary: str) -> Optional[str]:
+    return shutil.which(binary) or next(
+        (p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}") if os.path.exists(p)), None
+    )
+
+
+def ensure_debian_tools(binaries: Sequence[str], packages: Sequence[str]) -> list[str]:
+    """The paths of `binaries`; installed from Debian's `packages` with apt-get when any is
+    missing (once, under a lock, for parallel sessions). Skips, saying why, only where there
+    is no apt-get."""
+    found = [_which(b) for b in binaries]
+    if all(found):
+        return [p for p in found if p]
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{', '.join(binaries)} not installed and no apt-get for Debian's {' '.join(packages)}")
+    with APT_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(_which(b) for b in binaries):
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
+            subprocess.run(
+                ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                timeout=600,
+            )
+    paths = [_which(b) for b in binaries]
+    missing = [b for b, p in zip(binaries, paths) if p is None]
+    if missing:
+        raise RuntimeError(f"apt-get installed {' '.join(packages)}, but {', '.join(missing)} is still missing")
+    return [p for p in paths if p]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -22,7 +22,6 @@ about a minute on 2 cores. What it shows:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import json
 import os
@@ -46,7 +45,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import wait_until
+from helpers import ensure_debian_tools, wait_until
 from llama_crab_client import Client, Completion, CompletionOptions, convert
 from llama_crab_client.channel import ChannelSettings
 from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
@@ -62,32 +61,14 @@ UPSTREAM_HEADER = "x-llama-crab-upstream"
 PROMPT = "Once upon a time, a small crab"
 LONG = CompletionOptions(96, ignore_eos=True)  # long enough to still run when a replica goes
 SHORT = CompletionOptions(4)
-APT_LOCK = Path("/tmp/llama-crab-apt.lock")
 
 pytestmark = pytest.mark.timeout(240)
 
 
 # ---- nginx, installed by the suite itself ---------------------------------------------------
 def ensure_nginx() -> str:
-    """The nginx binary; installed from Debian's packages when missing (once, under a lock)."""
-    found = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
-    if found:
-        return found
-    if shutil.which("apt-get") is None:
-        pytest.skip("nginx is not installed and there is no apt-get to install it (Debian's `nginx` package)")
-    with APT_LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one installer at a time (parallel sessions, xdist)
-        if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
-            subprocess.run(
-                ["apt-get", "install", "-y", "--no-install-recommends", "nginx"],
-                check=True,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                timeout=600,
-            )
-    return shutil.which("nginx") or "/usr/sbin/nginx"
+    """The nginx binary; installed from Debian's packages when missing."""
+    return ensure_debian_tools(["nginx"], ["nginx"])[0]
 
 
 def render_nginx_conf(

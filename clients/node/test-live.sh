@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)
-llama-crab serve --host 127.0.0.1 --port "$port" --n-ctx 1024 --parallel 2 >"$log" 2>&1 &
+llama-crab serve --host 127.0.0.1 --port "$port" --http-port off --n-ctx 1024 --parallel 2 >"$log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$log"' EXIT
 serving=0
