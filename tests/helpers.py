@@ -26,18 +26,19 @@ def _which(binary: str) -> Optional[str]:
     )
 
 
-def ensure_debian_tools(binaries: Sequence[str], packages: Sequence[str]) -> list[str]:
-    """The paths of `binaries`; installed from Debian's `packages` with apt-get when any is
-    missing (once, under a lock, for parallel sessions). Skips, saying why, only where there
-    is no apt-get."""
-    found = [_which(b) for b in binaries]
-    if all(found):
-        return [p for p in found if p]
+def ensure_debian_packages(packages: Sequence[str], ready: Callable[[], bool], what: str) -> None:
+    """Install Debian's `packages` with apt-get unless `ready()` already holds (once, under a
+    lock, for parallel sessions); `ready()` must hold afterwards. Skips, saying why, only
+    where there is no apt-get or no root."""
+    if ready():
+        return
     if shutil.which("apt-get") is None:
-        pytest.skip(f"{', '.join(binaries)} not installed and no apt-get for Debian's {' '.join(packages)}")
+        pytest.skip(f"{what} is missing and there is no apt-get for Debian's {' '.join(packages)}")
+    if os.geteuid() != 0:
+        pytest.skip(f"{what} is missing and apt-get needs root for Debian's {' '.join(packages)}")
     with APT_LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not all(_which(b) for b in binaries):
+        if not ready():
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
             subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
             subprocess.run(
@@ -47,11 +48,14 @@ def ensure_debian_tools(binaries: Sequence[str], packages: Sequence[str]) -> lis
                 stdout=subprocess.DEVNULL,
                 timeout=600,
             )
-    paths = [_which(b) for b in binaries]
-    missing = [b for b, p in zip(binaries, paths) if p is None]
-    if missing:
-        raise RuntimeError(f"apt-get installed {' '.join(packages)}, but {', '.join(missing)} is still missing")
-    return [p for p in paths if p]
+    if not ready():
+        raise RuntimeError(f"apt-get installed {' '.join(packages)}, but {what} is still missing")
+
+
+def ensure_debian_tools(binaries: Sequence[str], packages: Sequence[str]) -> list[str]:
+    """The paths of `binaries`, installed from Debian's `packages` when any is missing."""
+    ensure_debian_packages(packages, lambda: all(_which(b) for b in binaries), ", ".join(binaries))
+    return [p for p in (_which(b) for b in binaries) if p]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
