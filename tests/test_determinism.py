@@ -44,6 +44,18 @@ def run(llm: Llama, prompt: str, options: CompletionOptions) -> Result:
     return c.token_ids, tuple(lp.logprob for lp in c.logprobs)
 
 
+def run_remote(llm: Llama, prompt: str, options: CompletionOptions) -> Result:
+    """The same request over gRPC, served by `llm`."""
+    server = start_test_server(llm)
+    try:
+        with Client(server.address) as client:
+            c = client.create_completion(prompt, options)
+    finally:
+        server.stop()
+    assert c.logprobs is not None
+    return c.token_ids, tuple(lp.logprob for lp in c.logprobs)
+
+
 def load(path: str, **kw: Any) -> Llama:
     return Llama.load(LlamaParams(path, n_ctx=768 * N_PARALLEL, n_parallel=N_PARALLEL, deterministic=True, **kw))
 
@@ -113,6 +125,7 @@ def test_prefilled_while_four_others_decode(engine: Llama, alone: Result) -> Non
 def test_prefilled_in_small_chunks(model: str, alone: Result) -> None:
     with load(model, n_batch=64, n_ubatch=64) as llm:
         assert run(llm, PROMPT, greedy(cache_prompt=False)) == alone
+        assert run_remote(llm, PROMPT, greedy(cache_prompt=False)) == alone
 
 
 def test_with_speculation(model: str, engine: Llama) -> None:
@@ -127,6 +140,7 @@ def test_with_speculation(model: str, engine: Llama) -> None:
         assert (c.token_ids, tuple(lp.logprob for lp in c.logprobs)) == alone
         # Drafts were verified in multi-row batches, which is what could have changed it.
         assert c.timings.draft_tokens > 0
+        assert run_remote(llm, prompt, greedy(cache_prompt=False)) == alone
 
 
 def test_after_a_session_restore(model: str, engine: Llama, alone: Result, tmp_path: Path) -> None:
@@ -140,7 +154,7 @@ def test_after_a_session_restore(model: str, engine: Llama, alone: Result, tmp_p
         assert fresh.metrics().cache_hit_tokens_total > 200
 
 
-def test_over_grpc_alone_among_others_and_cached(engine: Llama, alone: Result) -> None:
+def test_over_grpc_alone_among_others_cached_and_beside_decoding(engine: Llama, alone: Result) -> None:
     server = start_test_server(engine)
     try:
         with Client(server.address) as client:
@@ -158,10 +172,19 @@ def test_over_grpc_alone_among_others_and_cached(engine: Llama, alone: Result) -
                 t.join()
             client.create_completion(OTHER, greedy(2))
             cached = client.create_completion(PROMPT, greedy())
+            # Prefilled while four other gRPC streams decode.
+            streams = [client.stream(f"List {i}: 1, 2, 3,", greedy(2000, cache_prompt=False)) for i in range(4)]
+            try:
+                for s in streams:
+                    next(iter(s))  # each is decoding
+                beside = client.create_completion(PROMPT, greedy(cache_prompt=False))
+            finally:
+                for s in streams:
+                    s.close()  # STOP
     finally:
         server.stop()
     # Over the wire, the same bits as in process.
-    for got in (ref, results[0], cached):
+    for got in (ref, results[0], cached, beside):
         assert got.token_ids == alone[0] and got.logprobs is not None
         assert tuple(lp.logprob for lp in got.logprobs) == alone[1]
 
