@@ -28,6 +28,9 @@ the logits of two rows that must be equal, bit for bit:
                  (tiled K-quant matmul)
   S4 no FA       smollm2, flash attention off: the last two prompt tokens decoded as one
                  2-row batch (llamafile sgemm) against one at a time (vec_dot)
+  S5 SWA ring    gemma3, reference kernels on: the next token after 1,224 prompt tokens
+                 (the sliding window across the ring's wrap) against the same after the
+                 sequence's state is restored into another, swa_full off and on
 Each with the switch that removes it, which must make the pair equal.
 
 The cost run times, in process, the default engine and the deterministic one side by side
@@ -228,6 +231,26 @@ def lowlevel_sources() -> dict[str, Any]:
                 one_by_one = list(ctx.logits(-1))
                 switch = f"flash attention {fa}, ref kernels"
                 record("S4 no FA", "last 2 prompt tokens as one batch vs one at a time", switch, two_rows == one_by_one)
+    # S5: gemma3's sliding-window layers without swa_full keep a ring of n_swa + n_ubatch
+    # cells; once it wraps, the window's cells are no longer in position order, and a state
+    # restored elsewhere is. 1,224 tokens put the 512-token window across the wrap (1,024).
+    gemma = models.ensure("gemma3-270m")
+    long_prefix = " ".join(f"Record {i}: the {('red', 'green', 'blue')[i % 3]} box holds {i * 7 % 11} keys." for i in range(200))
+    with Model.load(gemma) as model:
+        tokens = list(model.tokenize(long_prefix))[:1224]
+        for swa_full in (False, True):
+            with Context(
+                model, n_ctx=8192, n_seq_max=2, n_threads=2, swa_full=swa_full, cpu_reference_kernels=True, flash_attn="on"
+            ) as ctx:
+                batch = Batch(512)
+                for i in range(0, len(tokens) - 1, 512):
+                    batch.clear()
+                    batch.add_tokens(tokens[i : min(i + 512, len(tokens) - 1)], pos=i, seq_id=0, logits_last=False)
+                    ctx.decode(batch)
+                ctx.seq_state_set(ctx.seq_state_get(0), 1)
+                fresh, restored = (decode_rows(ctx, tokens[-1], len(tokens) - 1, [seq])[0] for seq in (0, 1))
+                switch = "swa_full" if swa_full else "SWA ring (swa_full off)"
+                record("S5 SWA ring", "the next token after the cache vs after its restored state", switch, fresh == restored)
     return results
 
 
