@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from common import cpu_name, median_range, together
 
@@ -92,7 +92,7 @@ def condition(name: str, path: str, deterministic: bool, prompt: str) -> Result:
             a, b = llm.tokenize(PREFIX + OTHER), llm.tokenize(prompt)
             shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) - 1
             llm.save_session(a[:shared], Path(tmp) / "s.session")
-            llm.close()
+            llm.close()  # the saved state must come back in another engine
             with Llama.load(params(path, deterministic)) as fresh:
                 fresh.load_session(Path(tmp) / "s.session")
                 return run(fresh, prompt, greedy())
