@@ -142,12 +142,29 @@ def test_greedy_over_grpc_equals_in_process(spec_llama: Llama) -> None:
     same_or_near_tie(spec_llama, EDIT_PROMPT, off, remote)
 
 
-def test_seeded_sampling_is_reproducible(spec_llama: Llama) -> None:
-    options = CompletionOptions(160, temperature=0.5, top_k=20, seed=1234, cache_prompt=False, ignore_eos=True)
-    first = spec_llama.create_completion(EDIT_PROMPT, options)
-    second = spec_llama.create_completion(EDIT_PROMPT, options)
+def test_seeded_sampling_is_reproducible(model_path: str) -> None:
+    # Bit-for-bit repetition of a sampled run is the deterministic mode's promise. By default
+    # the batch a request shares, the KV cells it lands in and its draft lengths change the
+    # arithmetic's last bits, and a token drawn near a boundary of the seeded draw can go the
+    # other way (seen in CI at token 149 of 160, two runs alone one after the other). So the
+    # second run here shares its batch with another stream, and still must repeat the first.
+    params = LlamaParams(model_path, n_ctx=4096, n_parallel=2, speculative=NGRAM).with_deterministic()
+    options = CompletionOptions(
+        160, temperature=0.5, top_k=20, seed=1234, logprobs=0, cache_prompt=False, ignore_eos=True
+    )
+    with Llama.load(params) as llama:
+        first = llama.create_completion(EDIT_PROMPT, options)
+        other = llama.submit(COPY_PROMPT, CompletionOptions(400, ignore_eos=True))
+        try:
+            assert wait_until(lambda: llama.metrics().busy_slots == 1)
+            second = llama.create_completion(EDIT_PROMPT, options)
+        finally:
+            other.cancel()
+            other.close()
     assert first.token_ids == second.token_ids
-    assert first.timings.draft_tokens > 0
+    assert first.logprobs is not None and second.logprobs is not None
+    assert [lp.logprob for lp in first.logprobs] == [lp.logprob for lp in second.logprobs]
+    assert first.timings.draft_tokens > 0 and second.timings.draft_tokens > 0
 
 
 def test_prefix_cache_and_concurrency_keep_the_output(spec_llama: Llama) -> None:
