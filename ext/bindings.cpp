@@ -92,12 +92,16 @@ NB_MODULE(_engine, m) {
         .def_rw("adaptive_threads", &EngineParams::adaptive_threads)
         .def_rw("deterministic", &EngineParams::deterministic)
         .def_rw("prefill_step_tokens", &EngineParams::prefill_step_tokens)
+        .def_rw("embed_n_ctx", &EngineParams::embed_n_ctx)
+        .def_rw("max_embed_inputs", &EngineParams::max_embed_inputs)
+        .def_rw("max_embed_tokens", &EngineParams::max_embed_tokens)
         .def_rw("speculative", &EngineParams::speculative);
 
     nb::class_<SamplingParams>(m, "SamplingParams")
         .def(nb::init<>())
         .def_rw("max_tokens", &SamplingParams::max_tokens)
         .def_rw("stop_sequences", &SamplingParams::stop_sequences)
+        .def_rw("min_indent", &SamplingParams::min_indent)
         .def_rw("logprobs", &SamplingParams::logprobs)
         .def_rw("temperature", &SamplingParams::temperature)
         .def_rw("top_k", &SamplingParams::top_k)
@@ -275,7 +279,19 @@ NB_MODULE(_engine, m) {
         .def_ro("n_vocab", &ModelInfo::n_vocab)
         .def_ro("has_chat_template", &ModelInfo::has_chat_template)
         .def_ro("supports_tools", &ModelInfo::supports_tools)
+        .def_ro("generates", &ModelInfo::generates)
+        .def_ro("supports_infill", &ModelInfo::supports_infill)
+        .def_ro("n_embd", &ModelInfo::n_embd)
+        .def_ro("embed_pooling", &ModelInfo::embed_pooling)
         .def_ro("n_slots", &ModelInfo::n_slots);
+
+    nb::class_<InfillInput>(m, "InfillInput", "Fill in the middle: the code before and after the cursor.")
+        .def(nb::init<>())
+        .def_rw("prefix", &InfillInput::prefix)
+        .def_rw("suffix", &InfillInput::suffix)
+        .def_rw("prompt", &InfillInput::prompt)
+        .def_rw("extra", &InfillInput::extra)
+        .def_rw("filename", &InfillInput::filename);
 
     nb::class_<Metrics>(m, "Metrics")
         .def_ro("n_slots", &Metrics::n_slots)
@@ -310,6 +326,28 @@ NB_MODULE(_engine, m) {
             },
             "prompt"_a, "params"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("submit_chat", &Engine::submit_chat, "inputs"_a, "params"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("infill_prompt", &Engine::infill_prompt, "input"_a, "max_tokens"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "The token ids an infill request generates from.")
+        .def(
+            "embed",
+            [](Engine & e, const std::vector<std::vector<llama_token>> & inputs, int32_t pooling, bool normalize) {
+                EmbedResult r;
+                {
+                    nb::gil_scoped_release release;
+                    r = e.embed(inputs, static_cast<Pooling>(pooling), normalize);
+                }
+                // Float32 bytes per input: Python hands them to protobuf, base64 or numpy
+                // without a Python float per value on the way.
+                std::vector<std::tuple<nb::bytes, int32_t, int32_t>> rows;
+                rows.reserve(r.embeddings.size());
+                for (const auto & emb : r.embeddings) {
+                    rows.emplace_back(nb::bytes(reinterpret_cast<const char *>(emb.values.data()), emb.values.size() * sizeof(float)),
+                                      emb.n_rows, emb.n_tokens);
+                }
+                return std::make_tuple(rows, r.n_embd, r.pooling, r.prompt_tokens);
+            },
+            "inputs"_a, "pooling"_a, "normalize"_a,
+            "([(float32 bytes, rows, tokens) per input], n_embd, pooling applied, prompt tokens).")
         .def("apply_chat", &Engine::apply_chat, "inputs"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("close", &Engine::close, nb::call_guard<nb::gil_scoped_release>())
         .def("tokenize", &Engine::tokenize, "text"_a, "add_special"_a, "parse_special"_a,
@@ -344,7 +382,7 @@ NB_MODULE(_engine, m) {
 
     // The chunking rules on their own, so tests can feed exact byte sequences.
     nb::class_<TextStream>(m, "TextStream")
-        .def(nb::init<std::vector<std::string>>(), "stop_sequences"_a)
+        .def(nb::init<std::vector<std::string>, int32_t>(), "stop_sequences"_a, "min_indent"_a = 0)
         .def(
             "push",
             [](TextStream & s, nb::bytes piece) {

@@ -141,6 +141,8 @@ Engine::Engine(const EngineParams & params)
     }
     vocab_ = llama_model_get_vocab(model_);
     n_vocab_ = llama_vocab_n_tokens(vocab_);
+    // An encoder (BERT) has no KV cache to generate with: it only embeds.
+    generates_ = model_is_causal(model_) && llama_model_has_decoder(model_) && !llama_model_has_encoder(model_);
     try {
         chat_templates_ = std::make_unique<ChatTemplates>(model_, params.chat_template);
     } catch (const std::exception & e) {
@@ -208,6 +210,12 @@ void Engine::close() {
     cv_.notify_all();
     if (thread_.joinable()) {
         thread_.join();
+    }
+    {
+        // Waits for an embed call in progress: its context goes before the model.
+        std::lock_guard<std::mutex> lock(embedder_mu_);
+        embedding_closed_ = true;
+        embedder_.reset();
     }
     chat_templates_.reset();
     speculator_.reset();  // its draft context, before the target's
@@ -363,6 +371,9 @@ void Engine::validate(const std::vector<llama_token> & prompt, const SamplingPar
     if (params.max_tokens < 1) {
         throw std::invalid_argument("max_tokens: must be >= 1");
     }
+    if (params.min_indent < 0 || params.min_indent > 1024) {
+        throw std::invalid_argument("infill.indent: must be in [0, 1024]");
+    }
     if (params.logprobs > 100) {
         throw std::invalid_argument("logprobs: at most 100 alternatives");
     }
@@ -399,6 +410,12 @@ std::shared_ptr<Request> Engine::submit_chat(const ChatInputs & inputs, Sampling
     return submit(std::move(prompt), params, std::make_unique<ChatStream>(chat));
 }
 
+std::vector<llama_token> Engine::infill_prompt(const InfillInput & input, int32_t max_tokens) const {
+    ensure_open();
+    if (!generates_) throw std::invalid_argument("infill: this model is an encoder; it cannot generate text");
+    return format_infill(vocab_, input, static_cast<int32_t>(params_.n_batch), max_tokens, n_ctx_seq_);
+}
+
 std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, SamplingParams params,
                                         std::unique_ptr<ChatStream> chat) {
     if (!params.json_schema.empty()) {
@@ -409,6 +426,9 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, Samplin
         if (!problem.empty()) throw std::invalid_argument("json_schema: " + problem);
         params.grammar = json_schema_to_grammar(common_json::parse(params.json_schema), true);
         params.grammar_field = "json_schema";
+    }
+    if (!generates_) {
+        throw std::invalid_argument("prompt: this model is an encoder that computes embeddings (Embed); it cannot generate text");
     }
     validate(prompt, params);
     {
@@ -466,7 +486,7 @@ void Engine::admit_locked() {
         slot->req = std::move(queue_.front());
         queue_.pop_front();
         slot->req->t_admit = Request::clock::now();
-        slot->text = std::make_unique<TextStream>(slot->req->params.stop_sequences);
+        slot->text = std::make_unique<TextStream>(slot->req->params.stop_sequences, slot->req->params.min_indent);
         slot->state = SlotState::ADMITTED;  // KV work happens outside the lock (prepare)
         slot->seq.last_used = ++use_clock_;
         busy_slots_++;
@@ -896,7 +916,8 @@ bool Engine::take_token(Slot & slot, llama_token id, int32_t row, std::string & 
     text += step.emit;
     if (step.stopped) {
         emit(slot, text);
-        finish(slot, StopReason::STOP_SEQUENCE, step.stop_sequence);
+        // No stop sequence: the infill's indentation rule found the end of the block.
+        finish(slot, step.stop_sequence.empty() ? StopReason::EOS : StopReason::STOP_SEQUENCE, step.stop_sequence);
         return false;
     }
     // The next token would need one more KV cell; stop when the sequence's context is full.
@@ -1014,7 +1035,7 @@ void Engine::run() {
     // On this thread, as every later decode: ggml's OpenMP team belongs to the thread that
     // runs a graph, and decoding first on the loader thread left every later step ~25%
     // slower (measured: plain decoding 31 against 40 tok/s on a 2-core host).
-    if (speculator_->enabled()) calibrate_step_cost();
+    if (generates_ && speculator_->enabled()) calibrate_step_cost();
     for (;;) {
         {
             std::unique_lock<std::mutex> lock(mu_);
@@ -1134,6 +1155,7 @@ std::vector<uint8_t> Engine::sequence_state(const std::vector<llama_token> & tok
 }
 
 void Engine::add_sequence_state(const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state) {
+    if (!generates_) throw std::invalid_argument("session: this model is an encoder; it keeps no sequences");
     for (llama_token t : tokens) {
         if (t < 0 || t >= n_vocab_) throw std::invalid_argument("tokens: id " + std::to_string(t) + " is not in the vocabulary");
     }
@@ -1215,7 +1237,28 @@ ModelInfo Engine::model_info() const {
     info.has_chat_template = llama_model_chat_template(model_, nullptr) != nullptr || !params_.chat_template.empty();
     info.supports_tools = info.has_chat_template && chat_templates_->supports_tools();
     info.n_slots = static_cast<int32_t>(slots_.size());
+    info.generates = generates_;
+    info.supports_infill = generates_ && infill_tokens(vocab_).supported();
+    info.n_embd = llama_model_n_embd_out(model_);
+    info.embed_pooling = pooling_name(model_default_pooling(model_));
     return info;
+}
+
+EmbedResult Engine::embed(const std::vector<std::vector<llama_token>> & inputs, Pooling pooling, bool normalize) {
+    std::lock_guard<std::mutex> lock(embedder_mu_);
+    // Checked under the lock: close() may be about to free the model.
+    if (embedding_closed_) throw EngineClosedError("the engine is closed");
+    if (!embedder_) {
+        EmbedderParams ep;
+        ep.n_ctx = params_.embed_n_ctx;
+        ep.n_threads = params_.n_threads_batch;
+        ep.flash_attn = params_.flash_attn;
+        ep.max_inputs = params_.max_embed_inputs;
+        ep.max_tokens = params_.max_embed_tokens;
+        ep.deterministic = params_.deterministic;
+        embedder_ = std::make_unique<Embedder>(model_, ep);
+    }
+    return embedder_->embed(inputs, pooling, normalize);
 }
 
 Metrics Engine::metrics() const {

@@ -22,6 +22,8 @@
 #include <vector>
 
 #include "chat_bridge.h"
+#include "embedder.h"
+#include "infill.h"
 #include "llama.h"
 #include "prompt_cache.h"
 #include "request.h"
@@ -85,6 +87,11 @@ struct EngineParams {
     // for every row (ggml's CPU reference kernels through a patch, docs/determinism.md),
     // no repacked weights, flash attention on, full sliding-window cache.
     bool deterministic = false;
+
+    // Embeddings (a context of their own, created on the first Embed; see embedder.h).
+    uint32_t embed_n_ctx = 0;  // tokens one input may have (0: min(n_ctx_train, 512))
+    uint32_t max_embed_inputs = 256;
+    uint32_t max_embed_tokens = 16384;
 };
 
 struct ModelInfo {
@@ -93,6 +100,10 @@ struct ModelInfo {
     int32_t n_ctx_train = 0, n_ctx = 0, n_vocab = 0, n_slots = 0;
     bool has_chat_template = false;
     bool supports_tools = false;  // the chat template has a tool-call format
+    bool generates = true;        // false: an encoder (BERT) that only embeds
+    bool supports_infill = false; // the vocabulary has the fill-in-the-middle tokens
+    int32_t n_embd = 0;           // the length of an embedding
+    std::string embed_pooling;    // the pooling an Embed request gets by default ("mean", ...)
 };
 
 struct Metrics {
@@ -129,6 +140,10 @@ public:
     // Thread-safe. Throws std::invalid_argument ("field: problem") for what the template
     // or the tools cannot take, and what `submit` throws.
     std::shared_ptr<Request> submit_chat(const ChatInputs & inputs, SamplingParams params);
+    // Fill in the middle: the model's FIM prompt (infill.h), submitted like any prompt
+    // (with SamplingParams::min_indent for the end of the block). Throws
+    // std::invalid_argument ("infill: ...") for a model without FIM tokens.
+    std::vector<llama_token> infill_prompt(const InfillInput & input, int32_t max_tokens) const;
     // The rendered prompt and constraints, without submitting (tests, tooling).
     ChatPrompt apply_chat(const ChatInputs & inputs) const;
 
@@ -143,6 +158,11 @@ public:
 
     ModelInfo model_info() const;
     Metrics metrics() const;
+
+    // Embeddings of whole inputs (token ids), on the embedding context, which the first call
+    // creates. Runs on the caller's thread beside the scheduler's decoding. Thread-safe;
+    // throws std::invalid_argument ("inputs[2]: ...", "pooling: ...") and EngineClosedError.
+    EmbedResult embed(const std::vector<std::vector<llama_token>> & inputs, Pooling pooling, bool normalize);
 
     // Sessions. The KV state of the longest prefix of `tokens` that a free slot or the RAM
     // cache holds (llama_state_seq_get_data bytes), and in `state_tokens` the tokens it
@@ -195,6 +215,10 @@ private:
     int32_t n_ctx_seq_ = 0;
     std::unique_ptr<ChatTemplates> chat_templates_;
     std::unique_ptr<Speculator> speculator_;  // scheduler thread only, after construction
+    bool generates_ = true;                   // false for an encoder-only model
+    std::mutex embedder_mu_;                  // held by an embed call, and by close()
+    std::unique_ptr<Embedder> embedder_;     // guarded by embedder_mu_
+    bool embedding_closed_ = false;           // guarded by embedder_mu_
     StepCostModel step_cost_;                 // measured at start, then read-only
     ThreadGovernor governor_;        // scheduler thread only
     int32_t n_threads_now_ = 0;      // scheduler thread only

@@ -26,6 +26,9 @@ enum class StopReason { LENGTH, EOS, STOP_SEQUENCE, CANCELLED };
 struct SamplingParams {
     int32_t max_tokens = 16;
     std::vector<std::string> stop_sequences;
+    // Infill: a line after the first that starts with less indentation than this (spaces
+    // or tabs) ends the text there (0: off); set from InfillInput::indent.
+    int32_t min_indent = 0;
     int32_t logprobs = -1;  // -1: off; N >= 0: chosen token + top-N alternatives
     float temperature = 0.0f;
     int32_t top_k = 40;

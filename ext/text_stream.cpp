@@ -61,8 +61,29 @@ std::string utf8_sanitize(const std::string & s) {
     return out;
 }
 
-TextStream::TextStream(std::vector<std::string> stop_sequences) : stops_(std::move(stop_sequences)) {
+TextStream::TextStream(std::vector<std::string> stop_sequences, int32_t min_indent)
+    : stops_(std::move(stop_sequences)), min_indent_(min_indent) {
     stops_.erase(std::remove(stops_.begin(), stops_.end(), std::string()), stops_.end());
+}
+
+size_t TextStream::indent_stop() {
+    if (min_indent_ <= 0) return std::string::npos;
+    for (; scanned_ < pending_.size(); ++scanned_) {
+        const char c = pending_[scanned_];
+        if (at_line_start_) {
+            if (c == ' ' || c == '\t') {
+                ++indent_;
+                continue;
+            }
+            if (indent_ < min_indent_) return scanned_;
+            at_line_start_ = false;
+        }
+        if (c == '\n') {
+            at_line_start_ = true;
+            indent_ = 0;
+        }
+    }
+    return std::string::npos;
 }
 
 TextStream::Step TextStream::push(const std::string & piece, bool match_stops) {
@@ -72,11 +93,21 @@ TextStream::Step TextStream::push(const std::string & piece, bool match_stops) {
     pending_ += utf8_sanitize(partial_.substr(0, complete));
     partial_.erase(0, complete);
     if (!match_stops) {
-        // Before min_tokens: no stop sequence can end here, so nothing is held back.
+        // Before min_tokens: no stop sequence can end here, so nothing is held back; the
+        // indentation rule keeps its place in the lines.
+        for (size_t pos; (pos = indent_stop()) != std::string::npos;) {
+            // A short line before min_tokens is let through; its first character may
+            // itself be the newline that starts the next line.
+            at_line_start_ = pending_[pos] == '\n';
+            indent_ = 0;
+            scanned_ = pos + 1;
+        }
         step.emit = std::move(pending_);
         pending_.clear();
+        scanned_ = 0;
         return step;
     }
+    const size_t indent_pos = indent_stop();
 
     // Earliest full match wins; on a tie at one position, the longer stop sequence.
     size_t best_pos = std::string::npos;
@@ -88,6 +119,13 @@ TextStream::Step TextStream::push(const std::string & piece, bool match_stops) {
             best_pos = pos;
             best = &stop;
         }
+    }
+    if (indent_pos != std::string::npos && (!best || indent_pos < best_pos)) {
+        step.emit = pending_.substr(0, indent_pos);
+        step.stopped = true;
+        pending_.clear();
+        partial_.clear();
+        return step;
     }
     if (best) {
         step.emit = pending_.substr(0, best_pos);
@@ -116,6 +154,7 @@ TextStream::Step TextStream::push(const std::string & piece, bool match_stops) {
     }
     step.emit = pending_.substr(0, cut);
     pending_.erase(0, cut);
+    scanned_ -= std::min(scanned_, cut);
     return step;
 }
 

@@ -10,12 +10,15 @@ namespace llama_crab {
 
 class TextStream {
 public:
-    explicit TextStream(std::vector<std::string> stop_sequences);
+    // `min_indent` > 0: a line after the first whose first character that is not a space
+    // or tab (a newline included) comes before that column ends the text there, as
+    // llama.cpp's server's `n_indent` does for code completion.
+    explicit TextStream(std::vector<std::string> stop_sequences, int32_t min_indent = 0);
 
     struct Step {
         std::string emit;           // text safe to hand out now (may be empty)
         bool stopped = false;       // a stop sequence matched; generation must end
-        std::string stop_sequence;  // which one
+        std::string stop_sequence;  // which one (empty: the indentation rule ended it)
     };
 
     // Append a token's bytes. Text that may still become a stop sequence, or that
@@ -29,7 +32,14 @@ public:
     std::string flush();
 
 private:
+    // Where the indentation rule ends `pending_` (npos: nowhere yet); scans new text only.
+    size_t indent_stop();
+
     std::vector<std::string> stops_;
+    int32_t min_indent_ = 0;
+    bool at_line_start_ = false;  // in the indentation of a line after the first
+    int32_t indent_ = 0;          // its width so far
+    size_t scanned_ = 0;          // bytes of pending_ already scanned
     std::string pending_;  // decoded text not yet emitted (complete characters only)
     std::string partial_;  // bytes of a UTF-8 character not yet complete
 };

@@ -428,3 +428,40 @@ def test_random_chat_requests_over_grpc(model_path: str) -> None:
             ok = list(stub.Complete(convert.complete_request_to_proto("Hello", CompletionOptions(4)), timeout=60))
             assert ok[-1].completion.usage.completion_tokens == 4
         assert llama.metrics().busy_slots == 0
+
+
+def test_random_embed_requests_over_grpc(
+    server: TestServer, fuzz_llama: Llama, reference: Completion
+) -> None:
+    """Random EmbedRequests (inputs of text and token ids, every pooling, unknown enum
+    values): each is embedded whole or refused with a clean status, and generation goes on."""
+    n_vocab = fuzz_llama.model_info().n_vocab
+    overrides = {
+        **_overrides(n_vocab),
+        "llama_crab.v1.EmbedInput.text": st.one_of(st.text(max_size=120), st.sampled_from(["", "Hello", "<|im_start|>"])),
+        "llama_crab.v1.EmbedRequest.pooling": st.integers(-2, 6),
+    }
+    outcomes: dict[str, int] = {}
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LlamaCrabServiceStub(channel)
+
+        @settings(FUZZ_SETTINGS, max_examples=max(EXAMPLES // 2, 1))
+        @given(message_strategy(pb.EmbedRequest.DESCRIPTOR, n_vocab, overrides))
+        def run(request: Message) -> None:
+            assert isinstance(request, pb.EmbedRequest)
+            try:
+                reply = stub.Embed(request, timeout=120)
+            except grpc.RpcError as e:
+                assert e.code() in CLEAN_CODES, f"{e.code()}: {e.details()}"
+                outcomes[e.code().name] = outcomes.get(e.code().name, 0) + 1
+                return
+            assert len(reply.embeddings) == len(request.inputs)
+            for e in reply.embeddings:
+                width = len(e.vector) or len(e.token_vectors[0].values)
+                assert width == reply.dimensions and all(math.isfinite(x) for x in e.vector)
+            outcomes["OK"] = outcomes.get("OK", 0) + 1
+
+        run()
+        print("Embed outcomes:", outcomes)
+        assert outcomes.get("INVALID_ARGUMENT", 0) > 0 and outcomes.get("OK", 0) > 0
+    serves_a_normal_request(fuzz_llama, reference)

@@ -222,6 +222,54 @@ def test_async_sdk_streams_chat(server: TestServer) -> None:
     assert streamed and streamed == whole
 
 
+# ---- embeddings and infill ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm_server() -> Iterator[TestServer]:
+    with Llama.load(LlamaParams(ensure("minilm-l6"), n_ctx=512)) as llama, start_test_server(llama, http_port=0) as s:
+        yield s
+
+
+def test_embeddings_with_the_sdk_equal_the_grpc_vectors(minilm_server: TestServer) -> None:
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell."]
+    with openai.OpenAI(base_url=minilm_server.http_url + "/v1", api_key="unused", max_retries=0) as sdk:
+        by_base64 = sdk.embeddings.create(model="minilm", input=texts)  # the SDK asks for base64
+        by_float = sdk.embeddings.create(model="minilm", input=texts, encoding_format="float")
+        one = sdk.embeddings.create(model="minilm", input=texts[0])
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.embeddings.create(model="minilm", input=["fine", ""])
+        assert isinstance(exc.value.body, dict) and exc.value.body["param"] == "input[1]"
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.embeddings.create(model="minilm", input=texts, dimensions=128)
+        assert isinstance(exc.value.body, dict) and exc.value.body["param"] == "dimensions"
+    with Client(minilm_server.address) as client:
+        grpc_vectors = [list(d.vector) for d in client.embed(texts).data]
+    assert [d.embedding for d in by_base64.data] == grpc_vectors
+    assert [d.embedding for d in by_float.data] == grpc_vectors
+    assert one.data[0].embedding == grpc_vectors[0] and one.data[0].index == 0
+    assert [d.index for d in by_float.data] == [0, 1, 2]
+    assert by_float.usage.prompt_tokens == by_float.usage.total_tokens > 0
+
+
+def test_a_generative_model_embeds_over_http_too(server: TestServer, sdk: openai.OpenAI) -> None:
+    reply = sdk.embeddings.create(model="any", input=[[9707, 1879], "hello world"], encoding_format="float")
+    assert len(reply.data) == 2 and len(reply.data[0].embedding) == 896
+
+
+def test_completion_with_a_suffix_fills_the_middle(server: TestServer, sdk: openai.OpenAI) -> None:
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c\n"
+    reply = sdk.completions.create(
+        model="any", prompt=prefix, suffix=suffix, max_tokens=64, temperature=0, extra_body={"n_indent": 4}
+    )
+    with Client(server.address) as client:
+        from llama_crab_client import Infill
+
+        want = client.create_completion(Infill(prefix, suffix, indent=4), CompletionOptions(64))
+    assert reply.choices[0].text == want.text and reply.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk.completions.create(model="any", prompt=[1, 2], suffix="x", max_tokens=4)
+    assert isinstance(exc.value.body, dict) and exc.value.body["param"] == "prompt"
+
+
 # ---- errors -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("body", "param"),
@@ -395,13 +443,14 @@ _keys = st.sampled_from(
         "prompt", "messages", "max_tokens", "stop", "temperature", "top_p", "seed", "logprobs", "top_logprobs",
         "tools", "tool_choice", "response_format", "logit_bias", "stream", "stream_options", "n", "top_k",
         "min_p", "grammar", "samplers", "presence_penalty", "mirostat", "json_schema", "min_tokens",
+        "input", "encoding_format", "dimensions", "suffix", "n_indent",
     ]
 )  # fmt: skip
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]),
     body=st.dictionaries(_keys, _values, max_size=6),
     max_tokens=st.integers(1, 4),
 )

@@ -20,6 +20,8 @@ from llama_crab_client.chat import (
     ToolChoice,
 )
 from llama_crab_client.chat_session import ChatSession
+from llama_crab_client.embeddings import Embedding, Embeddings
+from llama_crab_client.infill import Infill, InfillFile
 from llama_crab_client.errors import (
     InvalidArgumentError,
     LlamaCrabError,
@@ -58,6 +60,10 @@ __all__ = [
     "CompletionCallback",
     "CompletionHandle",
     "CompletionOptions",
+    "Embedding",
+    "Embeddings",
+    "Infill",
+    "InfillFile",
     "CompletionStream",
     "EngineMetrics",
     "FieldViolation",

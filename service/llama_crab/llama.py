@@ -33,6 +33,8 @@ from llama_crab_client.chat import (
 )
 from llama_crab_client.callbacks import run_stream
 from llama_crab_client.chat_session import ChatSession
+from llama_crab_client.embeddings import EmbedInput, Embedding, Embeddings, embed_input_violations
+from llama_crab_client.infill import Infill
 from llama_crab_client.session import Session
 from llama_crab_client.types import (
     LIMITS,
@@ -57,7 +59,7 @@ from .session_file import SessionFile, model_identity, read_session_file, write_
 __all__ = ["ChatCompletionStream", "CompletionHandle", "CompletionStream", "EngineMetrics", "Event", "Llama"]
 
 Event = Union[Chunk, Completion, ChatChunk, ChatCompletion]
-Prompt = Union[str, Sequence[int]]
+Prompt = Union[str, Sequence[int], Infill]
 Messages = Sequence[Union[ChatMessage, Mapping[str, Any]]]
 Tools = Optional[Sequence[Union[Tool, Mapping[str, Any]]]]
 
@@ -69,6 +71,10 @@ _STOP_REASONS = {
 }
 
 _log = logging.getLogger("llama_crab")
+
+# Embedding poolings by name, as the engine numbers them (llama_pooling_type).
+_POOLINGS = {"model": -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
+_POOLING_NAMES = {v: k for k, v in _POOLINGS.items()}
 
 
 def _to_event(ev: _engine.Event) -> Event:
@@ -362,6 +368,9 @@ class Llama:
         native.adaptive_threads = params.adaptive_threads
         native.deterministic = params.deterministic
         native.prefill_step_tokens = params.prefill_step_tokens
+        native.embed_n_ctx = params.embed_n_ctx
+        native.max_embed_inputs = params.max_embed_inputs
+        native.max_embed_tokens = params.max_embed_tokens
         if params.speculative is not None:
             native.speculative = _native_speculative(params.speculative)
         if params.chat_template is not None:
@@ -454,7 +463,9 @@ class Llama:
         problems = options.violations(self._engine.n_vocab())
         if problems:
             raise InvalidArgumentError.from_violations(problems)
-        if isinstance(prompt, str):
+        if isinstance(prompt, Infill):
+            tokens = self._infill_tokens(prompt, options.max_tokens)
+        elif isinstance(prompt, str):
             if prompt == "":
                 raise InvalidArgumentError.for_field("prompt", "must not be empty")
             tokens = self._tokenize(prompt, "prompt")
@@ -470,7 +481,64 @@ class Llama:
             raise InvalidArgumentError.for_field(
                 "prompt", f"is {len(tokens)} tokens; a sequence's context holds {limit} (prompt must be shorter)"
             )
-        return self._submit_native(lambda sp: self._engine.submit(tokens, sp), options, _to_event)
+        indent = prompt.indent if isinstance(prompt, Infill) else 0
+
+        def submit(sp: _engine.SamplingParams) -> _engine.Request:
+            sp.min_indent = indent
+            return self._engine.submit(tokens, sp)
+
+        return self._submit_native(submit, options, _to_event)
+
+    def _infill_tokens(self, infill: Infill, max_tokens: int) -> list[int]:
+        problems = infill.violations()
+        if problems:
+            raise InvalidArgumentError.from_violations(problems)
+        native = _engine.InfillInput()
+        native.prefix, native.suffix, native.prompt, native.filename = (
+            infill.prefix, infill.suffix, infill.prompt, infill.filename
+        )
+        native.extra = [(f.filename, f.text) for f in infill.extra]
+        try:
+            return list(self._engine.infill_prompt(native, max_tokens))
+        except ValueError as e:
+            raise InvalidArgumentError.for_field("infill", str(e).partition(": ")[2] or str(e)) from None
+
+    # ---- embeddings -----------------------------------------------------------------
+    def embed(self, inputs: Sequence[EmbedInput], pooling: str = "model", normalize: bool = True) -> Embeddings:
+        """Embeddings of `inputs` (texts, or token id lists), in order: each pooled to one
+        vector ("model": the model's own pooling, ModelInfo.embed_pooling; "mean", "cls",
+        "last"), or one vector per token ("none"); L2-normalised unless `normalize` is
+        False. Inputs share batches on an embedding context beside generation.
+
+        Raises InvalidArgumentError naming `inputs[i]` (empty, longer than the embedding
+        context, ...) or `pooling`; UnavailableError after close()."""
+        self._check_open()
+        problems = embed_input_violations(inputs, pooling)
+        if problems:
+            raise InvalidArgumentError.from_violations(problems)
+        token_lists: list[list[int]] = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                token_lists.append(self._tokenize(item, f"inputs[{i}]"))
+            else:
+                token_lists.append(list(item))
+                self._check_tokens(token_lists[-1], f"inputs[{i}]")
+        try:
+            rows, n_embd, pooling_used, prompt_tokens = self._engine.embed(token_lists, _POOLINGS[pooling], normalize)
+        except _engine.EngineClosedError as e:
+            raise UnavailableError(str(e)) from None
+        except ValueError as e:
+            field, _, why = str(e).partition(": ")
+            raise InvalidArgumentError.for_field(field if why else "inputs", why or field) from None
+        data = []
+        for values, n_rows, n_tokens in rows:
+            floats = memoryview(values).cast("f").tolist()
+            if pooling_used == 0:
+                vectors = tuple(tuple(floats[r * n_embd : (r + 1) * n_embd]) for r in range(n_rows))
+                data.append(Embedding((), n_tokens, vectors))
+            else:
+                data.append(Embedding(tuple(floats), n_tokens))
+        return Embeddings(tuple(data), _POOLING_NAMES[pooling_used], n_embd, prompt_tokens)
 
     def _submit_native(
         self,

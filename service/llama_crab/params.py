@@ -106,6 +106,12 @@ class LlamaParams:
     # speculation. CPU only (n_gpu_layers=0 on a GPU build); needs flash_attn auto or on.
     # Costs prefill speed (docs/determinism.md).
     deterministic: bool = False
+    # Embeddings (Llama.embed): tokens one input may have (0: min(n_ctx_train, 512); a
+    # causal model's embedding context also holds n_vocab logits per token), and what one
+    # call may embed, so it holds the embedding context for a bounded time.
+    embed_n_ctx: int = 0
+    max_embed_inputs: int = 256
+    max_embed_tokens: int = 16384
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", os.fspath(self.model_path))
@@ -190,6 +196,14 @@ class LlamaParams:
             out.append(("cache_prompt", "must be True or False"))
         if not isinstance(self.cache_ram_mib, int) or isinstance(self.cache_ram_mib, bool) or not 0 <= self.cache_ram_mib < 2**22:
             out.append(("cache_ram_mib", "must be an integer >= 0 (0 = off)"))
+        for name in ("embed_n_ctx",):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 20:
+                out.append((name, "must be an integer in [0, 2**20] (0 = the model's, at most 512)"))
+        for name in ("max_embed_inputs", "max_embed_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**31:
+                out.append((name, "must be an integer >= 1"))
         for name in ("max_queue", "max_grammar_bytes", "max_buffered_bytes", "prefill_step_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:

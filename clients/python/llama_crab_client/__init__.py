@@ -26,6 +26,7 @@ from .chat import (
     ToolCallDelta,
     ToolChoice,
 )
+from .embeddings import Embedding, Embeddings
 from .errors import (
     DeadlineExceededError,
     InternalError,
@@ -36,6 +37,7 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from .infill import Infill, InfillFile
 from .sampling import SamplerChain, SamplerStage
 from .types import (
     Chunk,
@@ -98,6 +100,10 @@ __all__ = [
     "Chunk",
     "Client",
     "Completion",
+    "Embedding",
+    "Embeddings",
+    "Infill",
+    "InfillFile",
     "CompletionOptions",
     "DeadlineExceededError",
     "FieldViolation",

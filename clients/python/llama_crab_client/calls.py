@@ -16,12 +16,16 @@ from typing import Optional, Union
 from . import convert
 from .chat import ChatRequest
 from .errors import InvalidArgumentError
+from .embeddings import EmbedInput, embed_input_violations
+from .infill import Infill
 from .types import CompletionOptions, FieldViolation, Timings
 from .v1 import llama_crab_pb2 as pb
 
-__all__ = ["CompleteCall", "StreamClock", "chat_call", "complete_call", "detokenize_request", "tokenize_request"]
+__all__ = [
+    "CompleteCall", "StreamClock", "chat_call", "complete_call", "detokenize_request", "embed_request", "tokenize_request",
+]  # fmt: skip
 
-Prompt = Union[str, Sequence[int]]
+Prompt = Union[str, Sequence[int], Infill]
 
 _INT32 = (-(2**31), 2**31 - 1)
 
@@ -54,7 +58,13 @@ def complete_call(prompt: Prompt, options: Optional[CompletionOptions]) -> Compl
     problems = options.violations()
     if problems:
         raise InvalidArgumentError.from_violations(problems)
-    if isinstance(prompt, str):
+    if isinstance(prompt, Infill):
+        infill_problems = prompt.violations()
+        if infill_problems:
+            raise InvalidArgumentError.from_violations(infill_problems)
+        request = convert.complete_request_to_proto(prompt, options)
+        n_prompt = 0
+    elif isinstance(prompt, str):
         if prompt == "":
             raise InvalidArgumentError.for_field("prompt", "must not be empty")
         request = convert.complete_request_to_proto(prompt, options)
@@ -66,6 +76,17 @@ def complete_call(prompt: Prompt, options: Optional[CompletionOptions]) -> Compl
         request = convert.complete_request_to_proto(ids, options)
         n_prompt = len(ids)
     return CompleteCall(request, options.logprobs is not None, n_prompt)
+
+
+def embed_request(inputs: Sequence[EmbedInput], pooling: str, normalize: bool) -> pb.EmbedRequest:
+    """A validated Embed request (the server checks lengths against the model)."""
+    problems = embed_input_violations(inputs, pooling)
+    if problems:
+        raise InvalidArgumentError.from_violations(problems)
+    for i, item in enumerate(inputs):
+        if not isinstance(item, str):
+            _check_token_ids(item, f"inputs[{i}]")
+    return convert.embed_request_to_proto(inputs, pooling, bool(normalize))
 
 
 def tokenize_request(text: str, add_special: bool, parse_special: bool) -> pb.TokenizeRequest:

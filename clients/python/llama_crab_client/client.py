@@ -20,7 +20,16 @@ import grpc
 
 from . import convert
 from .call_end import end_call
-from .calls import Prompt, StreamClock, chat_call, complete_call, detokenize_request, tokenize_request
+from .calls import (
+    Prompt,
+    StreamClock,
+    chat_call,
+    complete_call,
+    detokenize_request,
+    embed_request,
+    tokenize_request,
+)
+from .embeddings import EmbedInput, Embeddings
 from .chat import ChatCompletion, ChatCompletionCallback, ChatMessage, ChatRequest, ResponseFormat, Tool
 from .chat_stream import RemoteChatStream, run_chat_stream
 from .callbacks import run_stream
@@ -234,6 +243,21 @@ class Client(ClientBase):
             return method(request, **self._call_kwargs(timeout, request_id))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+
+    def embed(
+        self,
+        inputs: Sequence[EmbedInput],
+        pooling: str = "model",
+        normalize: bool = True,
+        *,
+        timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
+    ) -> Embeddings:
+        """Embeddings of `inputs` (texts or token id lists), in order; see `Llama.embed`."""
+        reply: pb.EmbedResponse = self._unary(
+            self._stub.Embed, embed_request(inputs, pooling, normalize), timeout, request_id
+        )
+        return convert.embed_response_from_proto(reply)
 
     def tokenize(
         self,

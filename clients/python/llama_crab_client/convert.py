@@ -23,7 +23,9 @@ from .chat import (
     ToolCallDelta,
     ToolChoice,
 )
+from .embeddings import EmbedInput, Embedding, Embeddings
 from .errors import InvalidArgumentError
+from .infill import Infill, InfillFile
 from .sampling import STAGE_TYPES, SamplerChain, SamplerStage
 from .types import (
     Chunk,
@@ -64,7 +66,7 @@ __all__ = [
     "tokenize_response_to_proto",
 ]
 
-Prompt = Union[str, Sequence[int]]
+Prompt = Union[str, Sequence[int], Infill]
 
 _DEFAULTS = CompletionOptions()
 
@@ -143,18 +145,79 @@ def options_from_proto(m: pb.CompletionOptions) -> CompletionOptions:
 
 
 # ---- requests ---------------------------------------------------------------------------
+def infill_to_proto(i: Infill) -> pb.Infill:
+    return pb.Infill(
+        prefix=i.prefix, suffix=i.suffix, prompt=i.prompt, filename=i.filename, indent=i.indent,
+        extra=[pb.InfillFile(filename=f.filename, text=f.text) for f in i.extra],
+    )  # fmt: skip
+
+
+def infill_from_proto(m: pb.Infill) -> Infill:
+    extra = tuple(InfillFile(f.filename, f.text) for f in m.extra)
+    return Infill(m.prefix, m.suffix, m.prompt, extra, m.filename, m.indent)
+
+
 def complete_request_to_proto(prompt: Prompt, options: Optional[CompletionOptions]) -> pb.CompleteRequest:
     opts = options_to_proto(options or CompletionOptions())
+    if isinstance(prompt, Infill):
+        return pb.CompleteRequest(infill=infill_to_proto(prompt), options=opts)
     if isinstance(prompt, str):
         return pb.CompleteRequest(text=prompt, options=opts)
     return pb.CompleteRequest(tokens=pb.TokenList(ids=list(prompt)), options=opts)
 
 
 def complete_request_from_proto(m: pb.CompleteRequest) -> tuple[Prompt, CompletionOptions]:
-    """The prompt (text or token ids; "" when none was set) and the options."""
+    """The prompt (text, token ids or an Infill; "" when none was set) and the options."""
     which = m.WhichOneof("prompt")
-    prompt: Prompt = list(m.tokens.ids) if which == "tokens" else m.text
+    prompt: Prompt
+    if which == "infill":
+        prompt = infill_from_proto(m.infill)
+    elif which == "tokens":
+        prompt = list(m.tokens.ids)
+    else:
+        prompt = m.text
     return prompt, options_from_proto(m.options)
+
+
+# ---- embeddings -------------------------------------------------------------------------
+_POOLING_TO_PROTO = {
+    "model": pb.POOLING_UNSPECIFIED, "none": pb.POOLING_NONE, "mean": pb.POOLING_MEAN,
+    "cls": pb.POOLING_CLS, "last": pb.POOLING_LAST,
+}  # fmt: skip
+_POOLING_FROM_PROTO = {v: k for k, v in _POOLING_TO_PROTO.items()}
+
+
+def embed_request_to_proto(inputs: Sequence[EmbedInput], pooling: str = "model", normalize: bool = True) -> pb.EmbedRequest:
+    items = [pb.EmbedInput(text=x) if isinstance(x, str) else pb.EmbedInput(tokens=pb.TokenList(ids=list(x))) for x in inputs]
+    return pb.EmbedRequest(inputs=items, pooling=_POOLING_TO_PROTO.get(pooling, pb.POOLING_UNSPECIFIED), normalize=normalize)
+
+
+def embed_request_from_proto(m: pb.EmbedRequest) -> tuple[list[EmbedInput], str, bool]:
+    """The inputs (an input with neither text nor tokens is "", refused as empty), the
+    pooling's name ("?" for a number this version does not know) and normalize."""
+    inputs: list[EmbedInput] = [list(x.tokens.ids) if x.WhichOneof("input") == "tokens" else x.text for x in m.inputs]
+    pooling = _POOLING_FROM_PROTO.get(m.pooling, f"unknown ({m.pooling})")
+    return inputs, pooling, m.normalize if m.HasField("normalize") else True
+
+
+def embed_response_to_proto(e: Embeddings) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        embeddings=[
+            pb.Embedding(vector=d.vector, token_vectors=[pb.Vector(values=v) for v in d.token_vectors],
+                         prompt_tokens=d.prompt_tokens)
+            for d in e.data
+        ],
+        pooling=_POOLING_TO_PROTO[e.pooling], dimensions=e.dimensions,
+        usage=pb.Usage(prompt_tokens=e.prompt_tokens),
+    )  # fmt: skip
+
+
+def embed_response_from_proto(m: pb.EmbedResponse) -> Embeddings:
+    data = tuple(
+        Embedding(tuple(d.vector), d.prompt_tokens, tuple(tuple(v.values) for v in d.token_vectors))
+        for d in m.embeddings
+    )
+    return Embeddings(data, _POOLING_FROM_PROTO.get(m.pooling, "model"), m.dimensions, m.usage.prompt_tokens)
 
 
 def tokenize_request_to_proto(text: str, add_special: bool = True, parse_special: bool = True) -> pb.TokenizeRequest:

@@ -173,6 +173,13 @@ class ModelInfo:
     n_slots: int
     # The chat template has a tool-call format (tools can be offered in chat).
     supports_tools: bool = False
+    # False for an encoder (BERT) that only embeds: Complete and Chat refuse.
+    generates: bool = True
+    # The vocabulary has fill-in-the-middle tokens (Complete takes an `Infill`).
+    supports_infill: bool = False
+    # The length of an embedding, and the pooling Embed applies by default.
+    n_embd: int = 0
+    embed_pooling: str = ""
 
     @classmethod
     def from_attributes(cls, source: Any) -> ModelInfo:

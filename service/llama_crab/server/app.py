@@ -167,9 +167,13 @@ class Service:
         return self.port
 
     async def attach(self, llama: Llama) -> None:
-        """Serve `llama` once a real one-token decode passes; then health is SERVING."""
+        """Serve `llama` once a real one-token decode (or, for an encoder, one embedding)
+        passes; then health is SERVING."""
         self._llama = llama
-        await asyncio.to_thread(llama.create_completion, _WARMUP_PROMPT, CompletionOptions(max_tokens=1))
+        if llama.model_info().generates:
+            await asyncio.to_thread(llama.create_completion, _WARMUP_PROMPT, CompletionOptions(max_tokens=1))
+        else:
+            await asyncio.to_thread(llama.embed, [_WARMUP_PROMPT])
         if self.draining:
             return
         self.servicer.attach(llama)

@@ -30,8 +30,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from llama_crab_client.errors import InternalError, InvalidArgumentError, LlamaCrabError, UnauthenticatedError
+from llama_crab_client.types import FieldViolation
 
 from .logs import REQUEST_ID_KEY, log_event, new_request_id, request_id_var
+from .openai_embeddings import embed_call, embeddings_body
 from .openai_requests import chat_call, text_call
 from .openai_stream import chat_encoder, error_event, error_of, http_status, text_encoder
 from .servicer import Call, CallGone, LlamaCrabServicer, in_worker
@@ -167,6 +169,7 @@ class HttpFront:
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
                 Route("/tokenize", self._tokenize, methods=["POST"]),
                 Route("/detokenize", self._detokenize, methods=["POST"]),
             ]
@@ -349,6 +352,29 @@ class HttpFront:
             )
 
         return await self._answer(request, "http:/v1/chat/completions", handle)
+
+    async def _embeddings(self, request: Request) -> Response:
+        async def handle(call: Call) -> Response:
+            parsed = embed_call(await self._json(request))
+            llama = self._servicer.ready_llama()
+            info = llama.model_info()
+            if parsed.dimensions not in (0, info.n_embd):
+                # The model's vectors have one length; cutting them would not be what
+                # OpenAI's Matryoshka-trained models give.
+                raise InvalidArgumentError.for_field("dimensions", f"this model's embeddings have {info.n_embd}")
+            try:
+                result = await asyncio.to_thread(llama.embed, parsed.inputs)
+            except InvalidArgumentError as e:
+                # OpenAI calls the list `input`: name the field as the caller wrote it.
+                raise InvalidArgumentError.from_violations(
+                    [FieldViolation("input" + v.field[len("inputs"):] if v.field.startswith("inputs") else v.field,
+                                    v.description) for v in e.violations]
+                ) from None
+            if result.pooling == "none":
+                raise InvalidArgumentError.for_field("input", "the model pools nothing; use the Embed RPC for token vectors")
+            return JSONResponse(embeddings_body(result, info.name, parsed.base64))
+
+        return await self._answer(request, "http:/v1/embeddings", handle)
 
     async def _tokenize(self, request: Request) -> Response:
         async def handle(call: Call) -> Response:

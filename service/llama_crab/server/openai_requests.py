@@ -18,11 +18,12 @@ from typing import Any, Optional, Union
 
 from llama_crab_client.chat import ChatRequest
 from llama_crab_client.errors import InvalidArgumentError
+from llama_crab_client.infill import Infill
 from llama_crab_client.types import CompletionOptions
 
 __all__ = ["ChatCall", "TextCall", "chat_call", "text_call"]
 
-Prompt = Union[str, list[int]]
+Prompt = Union[str, list[int], Infill]
 
 # OpenAI's chat default is "as long as the context allows": the engine ends at the
 # sequence's context with finish_reason "length", which bounds the cost.
@@ -183,7 +184,7 @@ def _options(body: Mapping[str, Any], max_tokens: int, logprobs: Optional[int]) 
     return options
 
 
-def _prompt(body: Mapping[str, Any]) -> Prompt:
+def _prompt(body: Mapping[str, Any]) -> Union[str, list[int]]:
     value = body.get("prompt")
     # OpenAI's shapes: a string, token ids, or a batch of either; a batch of one is one.
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
@@ -206,13 +207,22 @@ def text_call(raw: Any) -> TextCall:
     for name in ("echo",):
         if body.get(name):
             raise _bad(name, "is not supported")
-    if body.get("suffix"):
-        raise _bad("suffix", "is not supported")
     stream = _flag(body, "stream")
     logprobs = body.get("logprobs")
     if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
         raise _bad("logprobs", "must be an integer in [0, 20]")
-    prompt = _prompt(body)
+    prompt: Prompt = _prompt(body)
+    suffix = body.get("suffix")
+    if suffix is not None and suffix != "":
+        # OpenAI's insert mode: the prompt is what comes before, `suffix` what comes after.
+        if not isinstance(suffix, str):
+            raise _bad("suffix", "must be a string")
+        if not isinstance(prompt, str):
+            raise _bad("prompt", "must be text when a suffix is given")
+        indent = body.get("n_indent", 0)
+        if not _is_int(indent):
+            raise _bad("n_indent", "must be an integer")
+        prompt = Infill(prompt, suffix, indent=indent)
     options = _options(body, _max_tokens(body, ("max_tokens",), 16), logprobs)
     return TextCall(prompt, options, stream, _include_usage(body, stream))
 

@@ -287,6 +287,13 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
 
         return await self._unary("Detokenize", context, answer)
 
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        def answer(llama: Llama) -> pb.EmbedResponse:
+            inputs, pooling, normalize = convert.embed_request_from_proto(request)
+            return convert.embed_response_to_proto(llama.embed(inputs, pooling, normalize))
+
+        return await self._unary("Embed", context, answer)
+
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         return await self._unary("GetModel", context, lambda llama: convert.model_info_to_proto(llama.model_info()))
 
