@@ -22,7 +22,11 @@ import { Stream } from './stream';
 import {
   CompletionSchema,
   LlamaCrabService,
+  Pooling,
   StopReason,
+  type CompleteRequestSchema,
+  type EmbedResponse,
+  type InfillSchema,
   type Chunk,
   type Completion,
   type CompletionOptionsSchema,
@@ -32,8 +36,28 @@ import {
 /** Request options: CompletionOptions' fields, camelCase (`{ maxTokens: 32, stopSequences: ['\n\n'] }`). */
 export type CompletionOptions = MessageInitShape<typeof CompletionOptionsSchema>;
 
-/** A prompt: text, or token ids used as given. */
-export type Prompt = string | number[];
+/** Fill in the middle: the code around the cursor (a code model's FIM tokens build the prompt). */
+export type Infill = MessageInitShape<typeof InfillSchema>;
+
+/** A prompt: text, token ids used as given, or `{ infill: { prefix, suffix, indent } }`. */
+export type Prompt = string | number[] | { infill: Infill };
+
+/** How an input's token vectors become its embedding (unset: the model's own). */
+export type PoolingName = 'model' | 'none' | 'mean' | 'cls' | 'last';
+
+const POOLINGS: Record<PoolingName, Pooling> = {
+  model: Pooling.UNSPECIFIED,
+  none: Pooling.NONE,
+  mean: Pooling.MEAN,
+  cls: Pooling.CLS,
+  last: Pooling.LAST,
+};
+
+function promptCase(prompt: Prompt): MessageInitShape<typeof CompleteRequestSchema>['prompt'] {
+  if (typeof prompt === 'string') return { case: 'text', value: prompt };
+  if (Array.isArray(prompt)) return { case: 'tokens', value: { ids: prompt } };
+  return { case: 'infill', value: prompt.infill };
+}
 
 export interface ClientOptions {
   /** Bearer token, sent as `authorization: Bearer <token>`. */
@@ -119,10 +143,7 @@ export class LlamaCrabClient {
    */
   stream(prompt: Prompt, options: CompletionOptions = {}, params: CallParams = {}): Stream<Chunk, Completion> {
     const method = LlamaCrabService.method.complete;
-    const request = create(method.input, {
-      prompt: typeof prompt === 'string' ? { case: 'text', value: prompt } : { case: 'tokens', value: { ids: prompt } },
-      options,
-    });
+    const request = create(method.input, { prompt: promptCase(prompt), options });
     const logprobsRequested = options.logprobs !== undefined;
     return this.serverStream<Chunk, Completion>(method, request, params, (m) => {
       const r = (m as MessageShape<typeof method.output>).response;
@@ -165,6 +186,21 @@ export class LlamaCrabClient {
   /** A token history continued across calls: each prompt is the history plus the new text. */
   session(tokens: number[] = []): Session {
     return new Session(this, tokens);
+  }
+
+  /**
+   * Embeddings of `inputs` (texts, or token id lists), in input order: one `vector` each,
+   * or `tokenVectors` with pooling 'none'; L2-normalised unless `normalize` is false.
+   */
+  async embed(inputs: Array<string | number[]>, { pooling = 'model', normalize = true }: { pooling?: PoolingName; normalize?: boolean } = {}): Promise<EmbedResponse> {
+    const method = LlamaCrabService.method.embed;
+    if (!Object.hasOwn(POOLINGS, pooling)) throw new TypeError(`pooling must be one of ${Object.keys(POOLINGS).join(', ')}`);
+    const request = create(method.input, {
+      inputs: inputs.map((x) => ({ input: typeof x === 'string' ? { case: 'text' as const, value: x } : { case: 'tokens' as const, value: { ids: x } } })),
+      pooling: POOLINGS[pooling],
+      normalize,
+    });
+    return this.unary(method, request);
   }
 
   async tokenize(text: string, { addSpecial = true, parseSpecial = true } = {}): Promise<number[]> {

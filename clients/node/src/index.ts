@@ -2,7 +2,7 @@
 // protoc-gen-es (gen/, made by `npm run build`); see README.md.
 
 export { LlamaCrabClient, StreamControl, defaultAddress, deliveredCompletion, drain } from './client';
-export type { CallParams, ClientOptions, CompletionOptions, OnChunk, Prompt } from './client';
+export type { CallParams, ClientOptions, CompletionOptions, Infill, OnChunk, PoolingName, Prompt } from './client';
 export { Stream } from './stream';
 export { Session } from './session';
 export {
@@ -30,4 +30,4 @@ export {
 export type { FieldViolation } from './errors';
 export * as proto from '../gen/llama_crab/v1/llama_crab_pb';
 export { StopReason } from '../gen/llama_crab/v1/llama_crab_pb';
-export type { Chunk, Completion, ModelInfo, TokenLogprob, Usage, Timings } from '../gen/llama_crab/v1/llama_crab_pb';
+export type { Chunk, Completion, EmbedResponse, Embedding, ModelInfo, TokenLogprob, Usage, Timings } from '../gen/llama_crab/v1/llama_crab_pb';

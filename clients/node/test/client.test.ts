@@ -185,3 +185,36 @@ test('chat: an unknown role fails with InvalidArgumentError naming messages[0].r
       return true;
     });
   }));
+
+test('Embed: one normalised vector per input, per-token vectors with pooling none', { skip }, () =>
+  withClient(async (c) => {
+    const model = await c.model();
+    const reply = await c.embed(['The sky is blue.', [1, 2, 3]]);
+    assert.equal(reply.embeddings.length, 2);
+    assert.equal(reply.dimensions, model.nEmbd);
+    assert.equal(reply.usage?.promptTokens, reply.embeddings[0].promptTokens + 3);
+    for (const e of reply.embeddings) {
+      assert.equal(e.vector.length, model.nEmbd);
+      assert.ok(Math.abs(Math.hypot(...e.vector) - 1) < 1e-4);
+    }
+    const tokens = await c.embed(['The sky is blue.'], { pooling: 'none', normalize: false });
+    const first = tokens.embeddings[0];
+    assert.equal(first.vector.length, 0);
+    assert.equal(first.tokenVectors.length, first.promptTokens);
+    // The model's pooling here is the last token's vector.
+    const last = first.tokenVectors[first.tokenVectors.length - 1].values;
+    const norm = Math.hypot(...last);
+    reply.embeddings[0].vector.forEach((x, i) => assert.ok(Math.abs(x - last[i] / norm) < 1e-4));
+    await assert.rejects(c.embed(['fine', '']), (err: unknown) => err instanceof InvalidArgumentError && err.field === 'inputs[1]');
+    await assert.rejects(c.embed(['x'], { pooling: 'cls' }), (err: unknown) => err instanceof InvalidArgumentError && err.field === 'pooling');
+  }));
+
+test('an infill prompt reaches the server: a model without FIM tokens refuses it naming infill', { skip }, () =>
+  withClient(async (c) => {
+    const model = await c.model();
+    assert.equal(model.supportsInfill, false);
+    await assert.rejects(
+      c.complete({ infill: { prefix: 'def f():\n    ', suffix: '\n', indent: 4 } }, { maxTokens: 8 }),
+      (err: unknown) => err instanceof InvalidArgumentError && err.field === 'infill',
+    );
+  }));

@@ -47,6 +47,10 @@ class ServeConfig:
     cache_ram: int = 512
     # chat: a Jinja template file used instead of the model's own
     chat_template: Optional[str] = None
+    # embeddings (see LlamaParams): tokens per input (0 = the model's, at most 512), and per call
+    embed_ctx: int = 0
+    max_embed_inputs: int = 256
+    max_embed_tokens: int = 16384
     # speculative decoding (see llama_crab.Speculative): llama.cpp's type names, comma-separated
     spec_type: Optional[str] = None
     spec_draft_model: Optional[str] = None
@@ -122,8 +126,11 @@ class ServeConfig:
             "stream_buffer_kib",
             "cache_ram",
             "prefill_step",
+            "embed_ctx",
         ):
             at_least(name, 0)
+        for name in ("max_embed_inputs", "max_embed_tokens"):
+            at_least(name, 1)
 
         for name in ("keepalive_time", "keepalive_timeout"):
             at_least(name, 0.001)
@@ -239,6 +246,15 @@ OPTIONS: tuple[Option, ...] = (
         "prompt tokens one step may prefill beside decoding streams (0 = --n-batch; a prompt alone gets "
         "whole batches): lower keeps their inter-token latency down while a long prompt arrives",
     ),
+    Option(
+        "embed_ctx",
+        int,
+        "N",
+        "Embed: tokens one input may have (0 = the model's training context, at most 512); a generative "
+        "model's embedding context holds a vocabulary of logits per token",
+    ),
+    Option("max_embed_inputs", int, "N", "Embed: inputs one call may have; more get INVALID_ARGUMENT"),
+    Option("max_embed_tokens", int, "N", "Embed: tokens of all of one call's inputs; more get INVALID_ARGUMENT"),
     Option("threads", _optional_int, "N", "CPU threads for decoding and prompt processing", unset="every core"),
     Option(
         "adaptive_threads",
