@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bert_reference import BertReference
+from helpers import wait_until
 from llama_crab import ChatMessage, CompletionOptions, InvalidArgumentError, Llama, LlamaParams
 from llama_crab.models import ensure, source_dir
 from llama_crab.server.testing import start_test_server
@@ -213,6 +214,30 @@ def test_close_waits_for_an_embedding_in_progress() -> None:
 
 
 # ---- over gRPC ----------------------------------------------------------------------------
+def test_queued_embed_calls_leave_the_other_calls_free(minilm: Llama) -> None:
+    # Eight heavy Embed calls at once take turns on the embedding context. They wait in
+    # their own queue: a Tokenize (which, like every submission, runs in the server's shared
+    # worker pool) answers at once instead of waiting behind them.
+    heavy = [" ".join(["words to embed for a while"] * 12)] * 16
+    with start_test_server(minilm) as server, Client(server.address) as client:
+        finished: list[int] = []
+
+        def embed() -> None:
+            finished.append(len(client.embed(heavy).data))
+
+        threads = [threading.Thread(target=embed) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            queue = server.service.servicer._embed_executor._work_queue  # type: ignore[attr-defined]
+            assert wait_until(lambda: queue.qsize() >= 6)
+            assert client.tokenize("still answering") and len(finished) <= 1
+        finally:
+            for t in threads:
+                t.join()
+    assert finished == [16] * 8
+
+
 def test_grpc_embed_equals_in_process(minilm: Llama) -> None:
     local = minilm.embed(list(SENTENCES[:3]) + [minilm.tokenize("ids")], pooling="mean")
     none_local = minilm.embed(["per token"], pooling="none", normalize=False)

@@ -356,14 +356,13 @@ class HttpFront:
     async def _embeddings(self, request: Request) -> Response:
         async def handle(call: Call) -> Response:
             parsed = embed_call(await self._json(request))
-            llama = self._servicer.ready_llama()
-            info = llama.model_info()
+            info = self._servicer.ready_llama().model_info()
             if parsed.dimensions not in (0, info.n_embd):
                 # The model's vectors have one length; cutting them would not be what
                 # OpenAI's Matryoshka-trained models give.
                 raise InvalidArgumentError.for_field("dimensions", f"this model's embeddings have {info.n_embd}")
             try:
-                result = await asyncio.to_thread(llama.embed, parsed.inputs)
+                result = await self._servicer.embed(parsed.inputs)
             except InvalidArgumentError as e:
                 # OpenAI calls the list `input`: name the field as the caller wrote it.
                 raise InvalidArgumentError.from_violations(

@@ -12,12 +12,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from grpc import aio
 
 from llama_crab_client import convert, status
+from llama_crab_client.embeddings import EmbedInput, Embeddings
 from llama_crab_client.errors import InternalError, LlamaCrabError, UnavailableError
 from llama_crab_client.v1 import llama_crab_pb2 as pb
 from llama_crab_client.v1 import llama_crab_pb2_grpc as pb_grpc
@@ -66,7 +68,7 @@ class Call:
 
 
 class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
-    """Complete and Chat (server streaming), Tokenize, Detokenize, GetModel."""
+    """Complete and Chat (server streaming), Embed, Tokenize, Detokenize, GetModel."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self._metrics = metrics
@@ -75,6 +77,7 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
         self._streams: set[HandleRelay] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-crab-embed")
 
     # ---- lifecycle (driven by app.Service) ------------------------------------------
     def attach(self, llama: Llama) -> None:
@@ -287,12 +290,20 @@ class LlamaCrabServicer(pb_grpc.LlamaCrabServiceServicer):
 
         return await self._unary("Detokenize", context, answer)
 
-    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        def answer(llama: Llama) -> pb.EmbedResponse:
-            inputs, pooling, normalize = convert.embed_request_from_proto(request)
-            return convert.embed_response_to_proto(llama.embed(inputs, pooling, normalize))
+    async def embed(self, inputs: list[EmbedInput], pooling: str = "model", normalize: bool = True) -> Embeddings:
+        """`Llama.embed` in the embedding executor. Embed calls take turns on the engine's
+        embedding context anyway; waiting in their own one-thread executor, queued ones never
+        hold the default pool's threads, which submissions and the other unary calls need.
+        A call cancelled while it waits never runs."""
+        llama = self._ready_llama()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._embed_executor, llama.embed, inputs, pooling, normalize)
 
-        return await self._unary("Embed", context, answer)
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        async with self._observe("Embed", context):
+            inputs, pooling, normalize = convert.embed_request_from_proto(request)
+            return convert.embed_response_to_proto(await self.embed(inputs, pooling, normalize))
+        raise AssertionError("unreachable: _observe turns every error into an abort")
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         return await self._unary("GetModel", context, lambda llama: convert.model_info_to_proto(llama.model_info()))
