@@ -312,6 +312,8 @@ NB_MODULE(_engine, m) {
         .def_ro("ram_cache_budget", &Metrics::ram_cache_budget)
         .def_ro("draft_tokens_total", &Metrics::draft_tokens_total)
         .def_ro("draft_accepted_tokens_total", &Metrics::draft_accepted_tokens_total)
+        .def_ro("embed_inputs_total", &Metrics::embed_inputs_total)
+        .def_ro("embed_tokens_total", &Metrics::embed_tokens_total)
         .def_ro("ram_cache_saves_total", &Metrics::ram_cache_saves_total)
         .def_ro("ram_cache_restores_total", &Metrics::ram_cache_restores_total)
         .def_ro("n_threads_active", &Metrics::n_threads_active);

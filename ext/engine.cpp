@@ -1258,7 +1258,10 @@ EmbedResult Engine::embed(const std::vector<std::vector<llama_token>> & inputs, 
         ep.deterministic = params_.deterministic;
         embedder_ = std::make_unique<Embedder>(model_, ep);
     }
-    return embedder_->embed(inputs, pooling, normalize);
+    EmbedResult result = embedder_->embed(inputs, pooling, normalize);
+    embed_inputs_total_ += inputs.size();
+    embed_tokens_total_ += static_cast<uint64_t>(result.prompt_tokens);
+    return result;
 }
 
 Metrics Engine::metrics() const {
@@ -1289,6 +1292,8 @@ Metrics Engine::metrics() const {
     m.n_threads_active = n_threads_active_.load();
     m.draft_tokens_total = speculator_ ? speculator_->drafted_total() : 0;
     m.draft_accepted_tokens_total = speculator_ ? speculator_->accepted_total() : 0;
+    m.embed_inputs_total = embed_inputs_total_.load();
+    m.embed_tokens_total = embed_tokens_total_.load();
     return m;
 }
 

@@ -117,6 +117,8 @@ struct Metrics {
     int32_t n_threads_active = 0;  // compute threads decoding now (adaptive_threads)
     // Speculative decoding: draft tokens put into batches, and those the target accepted.
     uint64_t draft_tokens_total = 0, draft_accepted_tokens_total = 0;
+    // Embeddings: inputs embedded, and their tokens.
+    uint64_t embed_inputs_total = 0, embed_tokens_total = 0;
 };
 
 struct ModelLoadError : std::runtime_error { using std::runtime_error::runtime_error; };
@@ -242,6 +244,7 @@ private:
     std::atomic<uint64_t> pauses_total_{0}, slow_reader_cancels_total_{0}, guarded_failures_total_{0};
     std::atomic<uint64_t> cache_hit_tokens_total_{0}, cache_miss_tokens_total_{0};
     std::atomic<uint64_t> ram_cache_saves_total_{0}, ram_cache_restores_total_{0};
+    std::atomic<uint64_t> embed_inputs_total_{0}, embed_tokens_total_{0};
     std::unique_ptr<PromptCache> ram_cache_;
     uint64_t use_clock_ = 0;  // orders slot use for least-recently-used choices
     std::atomic<uint64_t> requests_total_{0}, prompt_tokens_total_{0}, completion_tokens_total_{0}, decode_steps_total_{0};

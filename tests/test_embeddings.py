@@ -67,6 +67,20 @@ def test_vectors_match_an_independent_numpy_forward_pass(minilm: Llama, referenc
     assert got.prompt_tokens == sum(d.prompt_tokens for d in got.data)
 
 
+def test_the_engine_counts_what_it_embedded() -> None:
+    with Llama.load(LlamaParams(ensure("minilm-l6"), n_ctx=512)) as llama:
+        a = llama.embed(["one input", "two inputs"])
+        b = llama.embed([llama.tokenize("three")])
+        with pytest.raises(InvalidArgumentError):
+            llama.embed(["refused", ""])  # counts nothing
+        metrics = llama.metrics()
+        assert metrics.embed_inputs_total == 3
+        assert metrics.embed_tokens_total == a.prompt_tokens + b.prompt_tokens
+        with start_test_server(llama, metrics_port=0) as server:  # its warm-up embeds one more
+            exported = server.metrics.value("llama_crab_embed_inputs_total")
+            assert exported == llama.metrics().embed_inputs_total == 4
+
+
 def test_tokens_are_the_reference_tokenizers(minilm: Llama, reference: BertReference) -> None:
     for text in SENTENCES:
         assert minilm.tokenize(text) == reference.tokenize(text), text

@@ -129,6 +129,9 @@ class EngineMetrics:
         # Speculative decoding: draft tokens put into batches, and those accepted.
         self.draft_tokens_total: int = native.draft_tokens_total
         self.draft_accepted_tokens_total: int = native.draft_accepted_tokens_total
+        # Embeddings: inputs embedded, and their tokens.
+        self.embed_inputs_total: int = native.embed_inputs_total
+        self.embed_tokens_total: int = native.embed_tokens_total
 
 
 def _native_speculative(spec: Speculative) -> _engine.SpeculativeParams:

@@ -56,6 +56,8 @@ _ENGINE_METRICS: tuple[tuple[str, str, str, str], ...] = (
         "Speculative decoding: draft tokens the model accepted (each saved a decode step)",
         "draft_accepted_tokens_total",
     ),
+    ("embed_inputs", "counter", "Embed: inputs embedded", "embed_inputs_total"),
+    ("embed_tokens", "counter", "Embed: tokens of the inputs embedded", "embed_tokens_total"),
     (
         "guarded_failures",
         "counter",
