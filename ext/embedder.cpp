@@ -51,7 +51,7 @@ Pooling model_default_pooling(const llama_model * model) {
     return model_is_causal(model) ? Pooling::Last : Pooling::Mean;
 }
 
-Embedder::Embedder(llama_model * model, const EmbedderParams & params) : model_(model), params_(params) {
+Embedder::Embedder(llama_model * model, const EmbedderParams & params) : params_(params) {
     causal_ = model_is_causal(model);
     default_pooling_ = model_default_pooling(model);
 
@@ -130,7 +130,6 @@ EmbedResult Embedder::embed(const std::vector<std::vector<llama_token>> & inputs
     out.n_embd = n_embd_;
     out.pooling = static_cast<int32_t>(pooling);
     out.embeddings.resize(inputs.size());
-    std::lock_guard<std::mutex> lock(mu_);
     // Whole inputs per decode, in order, as many as fit the batch and the sequence ids.
     size_t first = 0;
     while (first < inputs.size()) {

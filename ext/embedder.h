@@ -1,14 +1,14 @@
 // Embeddings: many inputs in one batch, each its own sequence, on a context of its own.
 //
 // The generation engine's context is the scheduler thread's alone; this one is the
-// embedding callers' (one at a time, under a mutex), on the same model weights. The
+// embedding callers' (one at a time: the engine holds a lock around each call, which also
+// keeps close() from freeing the model under one), on the same model weights. The
 // context returns every token's hidden state (pooling NONE) and the pooling is done here,
 // so one context serves every pooling a request may ask for. Nothing here knows about
 // Python or gRPC.
 #pragma once
 
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -55,7 +55,7 @@ public:
     Embedder(const Embedder &) = delete;
     Embedder & operator=(const Embedder &) = delete;
 
-    // Thread-safe (callers take turns). Throws std::invalid_argument ("inputs[3]: ...")
+    // One call at a time. Throws std::invalid_argument ("inputs[3]: ...")
     // for an empty input, one longer than the context, too many inputs or tokens, a token
     // id out of the vocabulary, or a pooling the model cannot give.
     EmbedResult embed(const std::vector<std::vector<llama_token>> & inputs, Pooling pooling, bool normalize);
@@ -68,14 +68,12 @@ private:
     void run_batch(const std::vector<std::vector<llama_token>> & inputs, size_t first, size_t count, Pooling pooling,
                    bool normalize, EmbedResult & out);
 
-    llama_model * model_;  // not owned
     llama_context * ctx_ = nullptr;
     llama_batch batch_{};
     EmbedderParams params_;
     int32_t n_ctx_ = 0, n_embd_ = 0, n_vocab_ = 0, n_seq_max_ = 0;
     bool causal_ = true;
     Pooling default_pooling_ = Pooling::Mean;
-    std::mutex mu_;
 };
 
 // "none", "mean", "cls", "last", "model".

@@ -418,6 +418,9 @@ std::vector<llama_token> Engine::infill_prompt(const InfillInput & input, int32_
 
 std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, SamplingParams params,
                                         std::unique_ptr<ChatStream> chat) {
+    if (!generates_) {
+        throw std::invalid_argument("prompt: this model is an encoder that computes embeddings (Embed); it cannot generate text");
+    }
     if (!params.json_schema.empty()) {
         // Converted here, on the caller's thread, by llama.cpp's own converter; the
         // grammar it yields is then bounded like any other.
@@ -426,9 +429,6 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, Samplin
         if (!problem.empty()) throw std::invalid_argument("json_schema: " + problem);
         params.grammar = json_schema_to_grammar(common_json::parse(params.json_schema), true);
         params.grammar_field = "json_schema";
-    }
-    if (!generates_) {
-        throw std::invalid_argument("prompt: this model is an encoder that computes embeddings (Embed); it cannot generate text");
     }
     validate(prompt, params);
     {

@@ -369,8 +369,6 @@ class HttpFront:
                     [FieldViolation("input" + v.field[len("inputs"):] if v.field.startswith("inputs") else v.field,
                                     v.description) for v in e.violations]
                 ) from None
-            if result.pooling == "none":
-                raise InvalidArgumentError.for_field("input", "the model pools nothing; use the Embed RPC for token vectors")
             return JSONResponse(embeddings_body(result, info.name, parsed.base64))
 
         return await self._answer(request, "http:/v1/embeddings", handle)
