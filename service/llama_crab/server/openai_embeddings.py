@@ -17,6 +17,8 @@ from typing import Any
 from llama_crab_client.embeddings import EmbedInput, Embeddings
 from llama_crab_client.errors import InvalidArgumentError
 
+from .openai_requests import is_json_int
+
 __all__ = ["EmbedCall", "embed_call", "embeddings_body"]
 
 
@@ -29,10 +31,6 @@ class EmbedCall:
     dimensions: int  # 0: the model's
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def embed_call(raw: Any) -> EmbedCall:
     """Raises InvalidArgumentError naming the field (`input[2]`, `encoding_format`, ...)."""
     if not isinstance(raw, Mapping):
@@ -41,14 +39,14 @@ def embed_call(raw: Any) -> EmbedCall:
     inputs: list[EmbedInput]
     if isinstance(value, str):
         inputs = [value]
-    elif isinstance(value, list) and value and all(_is_int(t) for t in value):
+    elif isinstance(value, list) and value and all(is_json_int(t) for t in value):
         inputs = [list(value)]
     elif isinstance(value, list) and value:
         inputs = []
         for i, item in enumerate(value):
             if isinstance(item, str):
                 inputs.append(item)
-            elif isinstance(item, list) and all(_is_int(t) for t in item):
+            elif isinstance(item, list) and all(is_json_int(t) for t in item):
                 inputs.append(list(item))
             else:
                 raise InvalidArgumentError.for_field(f"input[{i}]", "must be a string or a list of token ids")
@@ -60,7 +58,7 @@ def embed_call(raw: Any) -> EmbedCall:
     dimensions = raw.get("dimensions", 0)
     if dimensions is None:
         dimensions = 0
-    if not _is_int(dimensions) or dimensions < 0:
+    if not is_json_int(dimensions) or dimensions < 0:
         raise InvalidArgumentError.for_field("dimensions", "must be a positive integer")
     return EmbedCall(inputs, encoding == "base64", dimensions)
 

@@ -61,7 +61,8 @@ def _bad(field: str, why: str) -> InvalidArgumentError:
     return InvalidArgumentError.for_field(field, why)
 
 
-def _is_int(value: Any) -> bool:
+def is_json_int(value: Any) -> bool:
+    """An integer in a JSON body (true/false are not: Python's bool is an int)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -103,7 +104,7 @@ def _max_tokens(body: Mapping[str, Any], names: Sequence[str], default: int) -> 
         value = body.get(name)
         if value is None:
             continue
-        if not _is_int(value) or value < 1 or value > _UNBOUNDED_MAX_TOKENS:
+        if not is_json_int(value) or value < 1 or value > _UNBOUNDED_MAX_TOKENS:
             raise _bad(name, "must be an integer >= 1")
         return int(value)
     return default
@@ -193,7 +194,7 @@ def _prompt(body: Mapping[str, Any]) -> Union[str, list[int]]:
         if not value:
             raise _bad("prompt", "must not be empty")
         return value
-    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+    if isinstance(value, list) and value and all(is_json_int(t) for t in value):
         return [int(t) for t in value]
     if isinstance(value, list) and len(value) > 1:
         raise _bad("prompt", "one prompt per request (a batch is not supported)")
@@ -209,7 +210,7 @@ def text_call(raw: Any) -> TextCall:
             raise _bad(name, "is not supported")
     stream = _flag(body, "stream")
     logprobs = body.get("logprobs")
-    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
+    if logprobs is not None and (not is_json_int(logprobs) or not 0 <= logprobs <= 20):
         raise _bad("logprobs", "must be an integer in [0, 20]")
     prompt: Prompt = _prompt(body)
     suffix = body.get("suffix")
@@ -220,7 +221,7 @@ def text_call(raw: Any) -> TextCall:
         if not isinstance(prompt, str):
             raise _bad("prompt", "must be text when a suffix is given")
         indent = body.get("n_indent", 0)
-        if not _is_int(indent):
+        if not is_json_int(indent):
             raise _bad("n_indent", "must be an integer")
         prompt = Infill(prompt, suffix, indent=indent)
     options = _options(body, _max_tokens(body, ("max_tokens",), 16), logprobs)
@@ -251,7 +252,7 @@ def chat_call(raw: Any) -> ChatCall:
     if not isinstance(parallel, bool):
         raise _bad("parallel_tool_calls", "must be true or false")
     top = body.get("top_logprobs")
-    if top is not None and (not _is_int(top) or not 0 <= top <= 20):
+    if top is not None and (not is_json_int(top) or not 0 <= top <= 20):
         raise _bad("top_logprobs", "must be an integer in [0, 20]")
     want_logprobs = _flag(body, "logprobs")
     if top is not None and not want_logprobs:
