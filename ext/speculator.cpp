@@ -1,6 +1,8 @@
 #include "speculator.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "batch_add.h"
@@ -19,13 +21,13 @@ constexpr int32_t kCatchUpStep = 128;
 // kMaxSkip) before drafting again; an accepted token resets it.
 constexpr int32_t kMaxSkip = 32;
 
-// A sequence's acceptance rate weighs each earlier draft this much less per later one.
+// A sequence's continuation rate weighs each earlier draft this much less per later one.
 constexpr double kAcceptanceDecay = 0.85;
 // A sequence whose drafts do not pay for their rows probes with one token this often.
 constexpr int32_t kProbeEvery = 16;
-// A sequence's first draft: an n-gram match in text that does not repeat itself can
-// propose dozens of tokens, and one such draft per stream can cost more than a step.
-constexpr int32_t kFirstDraftCap = 8;
+// The continuation rate's prior: 0.9 with the weight of one drafted token, so a first
+// draft accepted whole soon allows long ones, and one rejected at once stops long ones.
+constexpr double kPriorAccepted = 0.9, kPriorWeight = 1.0;
 
 void check_range(const char * field, int32_t value, int32_t lo, int32_t hi) {
     if (value < lo || value > hi) {
@@ -127,7 +129,6 @@ Speculator::~Speculator() {
 void Speculator::begin(llama_seq_id seq, const std::vector<llama_token> & history) {
     if (!spec_) return;
     backoff_[static_cast<size_t>(seq)] = Backoff{};
-    backoff_[static_cast<size_t>(seq)].cap = kFirstDraftCap;
     common_speculative_begin(spec_, seq, history);
 }
 
@@ -147,19 +148,31 @@ int32_t Speculator::draft_allowance(llama_seq_id seq, double break_even) {
         b.skip--;
         return 0;
     }
-    if (acceptance(seq) <= break_even) {
+    if (b.drafts == 0) return b.cap;  // the first draft, or none verified yet
+    // A draft's k-th token is accepted with about q^k (each token only after the one before
+    // it), so the longest draft whose every token pays is ln(break_even) / ln(q) tokens.
+    // Counting the rejected tail of a long draft as rejected tokens instead (the acceptance
+    // ratio) made one long miss, or a draft that held for 20 of its 48 tokens, look like
+    // drafting could not pay, and the sequence stopped drafting for good.
+    const double q = continuation(seq);
+    int32_t paying = b.cap < 0 ? std::numeric_limits<int32_t>::max() : b.cap;
+    if (break_even >= 1) {
+        paying = 0;
+    } else if (break_even > 0) {
+        paying = static_cast<int32_t>(std::min<double>(paying, std::log(break_even) / std::log(q)));
+    }
+    if (paying < 1) {
         // The count restarts when a probe is verified (accept()), not here: a probe that
         // found no n-gram to propose is tried again next step.
         return ++b.steps_below_break_even < kProbeEvery ? 0 : 1;
     }
     b.steps_below_break_even = 0;
-    return b.cap;
+    return b.cap < 0 && paying == std::numeric_limits<int32_t>::max() ? -1 : paying;
 }
 
-double Speculator::acceptance(llama_seq_id seq) const {
+double Speculator::continuation(llama_seq_id seq) const {
     const auto & b = backoff_[static_cast<size_t>(seq)];
-    // Half a token of prior: one rejected draft does not make a sequence certain to fail.
-    return b.drafted > 0 ? (b.accepted + 0.5) / (b.drafted + 1.0) : 1.0;
+    return (b.accepted + kPriorAccepted) / (b.accepted + b.rejections + kPriorWeight);
 }
 
 void Speculator::request(llama_seq_id seq, llama_token id_last, llama_pos pos0, const std::vector<llama_token> * history,
@@ -203,15 +216,16 @@ void Speculator::draft() {
 }
 
 void Speculator::accept(llama_seq_id seq, int32_t n_drafted, int32_t n_accepted) {
-    if (!spec_) return;
+    if (!spec_ || n_drafted <= 0) return;
     drafted_total_.fetch_add(static_cast<uint64_t>(n_drafted), std::memory_order_relaxed);
     accepted_total_.fetch_add(static_cast<uint64_t>(n_accepted), std::memory_order_relaxed);
     common_speculative_accept(spec_, seq, static_cast<uint16_t>(std::min(n_accepted, 65535)));
     // A draft costs its rows in the batch: after one that gained nothing, draft less often.
     auto & b = backoff_[static_cast<size_t>(seq)];
     b.steps_below_break_even = 0;
-    b.drafted = b.drafted * kAcceptanceDecay + n_drafted;
+    b.drafts = b.drafts * kAcceptanceDecay + 1;
     b.accepted = b.accepted * kAcceptanceDecay + n_accepted;
+    b.rejections = b.rejections * kAcceptanceDecay + (n_accepted < n_drafted ? 1 : 0);
     if (n_accepted > 0) {
         b.skip = b.penalty = 0;
         // Verifying costs every drafted row, accepted or not: draft about what was accepted.

@@ -57,16 +57,19 @@ public:
     // The sequence's KV was cut back to `n_keep` tokens, or it was cleared (n_keep 0).
     void truncate(llama_seq_id seq, llama_pos n_keep);
 
-    // How many tokens `seq` may draft this step: 0 while it backs off after drafts that
-    // gained nothing (each call counts one step of the backoff); after a draft accepted only
-    // in part, twice the part accepted plus one, so a draft that keeps failing early costs
-    // few rows; after one accepted whole, up to twice its length plus one. A sequence starts
-    // at a short draft and grows the limit while its drafts land. A sequence whose recent drafts were
-    // accepted at no more than `break_even` (the share of a step one more row costs) drafts
-    // only a one-token probe now and then, so it learns when drafting pays again.
+    // How many tokens `seq` may draft this step (-1: as many as the drafter proposes). Its
+    // first draft is not limited: that is how the engine learns whether the text repeats.
+    // Then a draft is as long as pays: the k-th drafted token is accepted with about q^k, q
+    // being the sequence's recent continuation rate (continuation()), and it pays while q^k
+    // exceeds `break_even` (the share of a step one more row costs). It is also at most twice
+    // the part of the last draft that was accepted, plus one (twice the whole, plus one, after
+    // a draft accepted whole), and 0 while the sequence backs off after drafts that gained
+    // nothing (each call counts one step of the backoff). Where not even one token pays, it
+    // drafts only a one-token probe now and then, so it learns when drafting pays again.
     int32_t draft_allowance(llama_seq_id seq, double break_even);
-    // The share of this sequence's recent drafted tokens that were accepted (1 before any).
-    double acceptance(llama_seq_id seq) const;
+    // The chance that a drafted token of `seq` is accepted when the one before it was, from
+    // its recent drafts (older drafts weighing less; 0.9 before any).
+    double continuation(llama_seq_id seq) const;
     // Ask for a draft of at most `n_max` tokens following `id_last` (at position `pos0`),
     // `history` being every token before it. Then one draft() fills every `out`. A draft
     // model first catches up on the history it has not seen (a bounded piece per step,
@@ -84,9 +87,10 @@ private:
     struct Backoff {
         int32_t skip = 0;      // steps left without drafting
         int32_t penalty = 0;   // the next skip after a draft that did not pay
-        int32_t cap = -1;      // longest draft allowed next (-1: no cap, before begin())
-        // Recent drafted and accepted tokens, older drafts weighing less.
-        double drafted = 0, accepted = 0;
+        int32_t cap = -1;      // longest draft allowed next (-1: no cap, until a draft is verified)
+        // Recent drafts: how many there were, their accepted tokens, and how many ended in
+        // a rejected token (one that was not accepted whole), older drafts weighing less.
+        double drafts = 0, accepted = 0, rejections = 0;
         int32_t steps_below_break_even = 0;
     };
 
