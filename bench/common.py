@@ -8,6 +8,7 @@ llama-bench's tg test does.
 from __future__ import annotations
 
 import argparse
+import json
 
 import math
 import os
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Protocol, TypeVar
 
 PROMPT = (
@@ -207,6 +209,17 @@ def load_average() -> Optional[tuple[float, float, float]]:
         return os.getloadavg()
     except OSError:
         return None
+
+
+def write_results(results: dict[str, Any], raw: Path, doc: Path, report: Callable[[dict[str, Any]], str]) -> int:
+    """End a benchmark run: note the load after it, write the raw numbers to `raw` and the
+    report rendered from them to `doc`, print the report; 0, the exit status."""
+    results["load_after"] = load_average()
+    raw.write_text(json.dumps(results, indent=2))
+    text = report(results)
+    doc.write_text(text)
+    print(text)
+    return 0
 
 
 def loadavg_text() -> str:

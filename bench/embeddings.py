@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import llama_bench
 import llama_server
-from common import add_model_arguments, cpu_name, load_average, median_range
+from common import add_model_arguments, cpu_name, load_average, median_range, write_results
 from service import free_port, serve_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,11 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.skip_beside:
         results["beside"] = beside_generation(models.ensure(args.gen_model), args.threads, args.reps)
     results["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results["load_after"] = load_average()
-    (OUT / "embeddings.json").write_text(json.dumps(results, indent=2))
-    DOC.write_text(report(results))
-    print(report(results))
-    return 0
+    return write_results(results, OUT / "embeddings.json", DOC, report)
 
 
 if __name__ == "__main__":

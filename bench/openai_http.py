@@ -42,6 +42,7 @@ from common import (
     median_range,
     proc_cpu_seconds,
     together,
+    write_results,
 )
 from service import free_port, serve_process
 
@@ -188,11 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"{n} {side}: {cells[str(n)][side][-1]}", file=sys.stderr, flush=True)
     results["cells"] = cells
     results["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results["load_after"] = load_average()
-    (OUT / "http.json").write_text(json.dumps(results, indent=2))
-    DOC.write_text(report(results))
-    print(report(results))
-    return 0
+    return write_results(results, OUT / "http.json", DOC, report)
 
 
 def report(results: dict[str, Any]) -> str:

@@ -40,7 +40,15 @@ from typing import Any, Optional
 
 import llama_bench
 import llama_server
-from common import add_model_arguments, cpu_name, end_of_generation_bias, load_average, median_range, together
+from common import (
+    add_model_arguments,
+    cpu_name,
+    end_of_generation_bias,
+    load_average,
+    median_range,
+    together,
+    write_results,
+)
 from service import free_port, serve_process
 
 from llama_crab_client import Client, CompletionOptions
@@ -268,11 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     previous = json.loads((OUT / "speculative.json").read_text()) if args.append else {}
     results["cells"] = {**previous.get("cells", {}), **cells}
     results["measured"] = measured
-    results["load_after"] = load_average()
-    (OUT / "speculative.json").write_text(json.dumps(results, indent=2))
-    DOC.write_text(report(results))
-    print(report(results))
-    return 0
+    return write_results(results, OUT / "speculative.json", DOC, report)
 
 
 def crab_args(args: argparse.Namespace) -> tuple[str, ...]:
